@@ -209,9 +209,12 @@ def _hash16(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+_CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _canonical_json(value: Any) -> str:
-    """Dump already-encoded JSON data with sorted keys and no spaces."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """Dump already-encoded JSON data with sorted keys and no spaces (one shared encoder: hot path)."""
+    return _CANONICAL_ENCODER.encode(value)
 
 
 def _private_dir(path: Union[str, Path]) -> Path:
@@ -1532,6 +1535,15 @@ class TaskSpec:
         steps = {step for result in self.result_deps.values() for step in result.steps}
         return sorted(steps | set(self.config.after))
 
+    @property
+    def call_plan(self) -> Tuple[Tuple[str, bool], ...]:
+        """Return ``(parameter name, receives the run dir)`` pairs, computed once."""
+        plan = self.__dict__.get("_call_plan")
+        if plan is None:
+            plan = tuple((p.name, self.is_rundir_param(p)) for p in self.signature.parameters.values())
+            self.__dict__["_call_plan"] = plan
+        return plan
+
     def param_type(self, name: str) -> Any:
         """Return the declared type of a parameter, Annotated stripped."""
         return _strip_annotated(self.hints.get(name, inspect.Parameter.empty))[0]
@@ -2695,14 +2707,24 @@ class SqliteStore(Store):
         return self._conn
 
     def _open(self) -> sqlite3.Connection:
-        """Open and check the database file; create or upgrade its schema when writable."""
+        """Open and check the database file, retrying while another process holds it locked."""
         self._prepare_file()
-        try:
-            conn = self._connect()
-        except sqlite3.Error as exc:
-            raise self._error(f"cannot open: {exc}") from exc
+        for attempt in range(_SQLITE_RETRIES + 1):
+            try:
+                return self._open_once()
+            except sqlite3.Error as exc:
+                if not _sqlite_busy(exc) or attempt == _SQLITE_RETRIES:
+                    raise self._error(f"cannot open: {exc}") from exc
+                _sqlite_backoff(attempt)
+        raise AssertionError("unreachable")
+
+    def _open_once(self) -> sqlite3.Connection:
+        """Connect, refuse a file that is not ours, create or upgrade the schema when writable."""
+        conn = self._connect()
         try:
             self._check_and_upgrade(conn)
+            if not self.readonly:
+                conn.execute(_BATCH_TABLE)
         except BaseException:
             conn.close()
             raise
@@ -2740,8 +2762,6 @@ class SqliteStore(Store):
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_MS)}")
         conn.execute("PRAGMA temp_store = MEMORY")
-        if not self.readonly:
-            conn.execute(_BATCH_TABLE)
         return conn
 
     def _check_and_upgrade(self, conn: sqlite3.Connection) -> None:
@@ -2753,14 +2773,15 @@ class SqliteStore(Store):
         if self.readonly:
             state = "is empty (not initialised)" if not tables else f"has schema version {version}"
             raise self._error(f"{state}; open it read-write once to set it up")
-        self._retrying(conn, "BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")  # a busy error here is retried by _open
         try:
             version, tables = self._inspect(conn)  # another process may have done it meanwhile
             if version != SCHEMA_VERSION or not tables:
                 self._migrate(conn, tables)
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
             raise
         self._set_journal(conn)
 
@@ -2772,6 +2793,8 @@ class SqliteStore(Store):
             tables = {name: {r[1] for r in conn.execute(f"PRAGMA table_info({name!r})")}
                       for name in names if not name.startswith("sqlite_")}
         except sqlite3.DatabaseError as exc:
+            if _sqlite_busy(exc):
+                raise  # locked by another process: the caller retries
             raise self._error(f"is not a readable sqlite database ({exc}); left untouched") from exc
         if version > SCHEMA_VERSION:
             raise self._error(f"has schema version {version}, newer than this reflow's {SCHEMA_VERSION}; "
@@ -2808,16 +2831,23 @@ class SqliteStore(Store):
             raise self._error(f"cannot upgrade the schema: {exc}; file left unchanged") from exc
 
     def _set_journal(self, conn: sqlite3.Connection) -> None:
-        """Apply the chosen journal mode and the matching ``synchronous`` level."""
+        """Apply the chosen journal mode and the matching ``synchronous`` level.
+
+        Switching needs the file to itself; when another process has it open
+        we keep the current mode (with a warning) rather than wait.
+        """
         if self.readonly:
             return
         mode = (conn.execute("PRAGMA journal_mode").fetchone()[0] or "delete").lower()
         if self._journal and self._journal != mode:
+            conn.execute("PRAGMA busy_timeout = 2000")
             try:
-                mode = self._retrying(conn, f"PRAGMA journal_mode = {self._journal}").fetchone()[0].lower()
-            except sqlite3.OperationalError as exc:  # another process holds the file: keep its mode
+                mode = conn.execute(f"PRAGMA journal_mode = {self._journal}").fetchone()[0].lower()
+            except sqlite3.OperationalError as exc:
                 log.warning("store %s: cannot switch to journal mode %s (%s); staying in %s",
                             self.path, self._journal, exc, mode)
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_MS)}")
         conn.execute(f"PRAGMA synchronous = {_JOURNAL_SYNC.get(mode, 'FULL')}")
 
     def _retrying(self, conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
@@ -4236,30 +4266,39 @@ class SlurmExecutor(_BatchExecutor):
         return rows
 
     def _squeue(self, masters: Sequence[str]) -> Dict[str, JobInfo]:
-        """Query the controller (live jobs and those ended less than ``MinJobAge`` ago)."""
-        argv = [self.squeue, "-h", "-t", "all", "-j", ",".join(masters), "-o", "%i|%T|%r"]
-        result = self._run(argv, check=False)
+        """Query the controller (live jobs and those ended less than ``MinJobAge`` ago).
+
+        ``-O ...exit_code`` gives the exit status too; a Slurm too old for
+        that field gets the portable ``-o "%i|%T|%r"`` instead.
+        """
+        base = [self.squeue, "-h", "-t", "all", "-j", ",".join(masters)]
+        result = self._run([*base, "-O", "JobArrayID:|,State:|,Reason:|,exit_code:|"], check=False)
+        if result.returncode != 0 and "format" in result.stderr.lower():
+            result = self._run([*base, "-o", "%i|%T|%r"], check=False)
         if result.returncode != 0 and "invalid job id" not in result.stderr.lower():
             raise ExecutorError(f"squeue exited {result.returncode}: {_tail(result.stderr) or 'no output'}", result)
         return self._parse_squeue(result.stdout)
 
     @classmethod
     def _parse_squeue(cls, text: str) -> Dict[str, JobInfo]:
-        """Parse ``squeue -h -t all -o "%i|%T|%r"`` (no exit codes: ``FAILED`` says ``NonZeroExitCode``).
+        """Parse ``squeue -h -t all -O "JobArrayID:|,State:|,Reason:|,exit_code:|"`` (or ``-o "%i|%T|%r"``).
 
+        ``exit_code`` is a raw wait status (768 = exit 3, 9 = signal 9).
         Sample::
 
-            123|RUNNING|None
-            124_[2-10%2]|PENDING|JobArrayTaskLimit
-            124_1|RUNNING|None
-            125|PENDING|DependencyNeverSatisfied
+            123|RUNNING|None|0|
+            124_[2-10%2]|PENDING|JobArrayTaskLimit|0|
+            124_1|FAILED|NonZeroExitCode|768|
+            125|PENDING|DependencyNeverSatisfied|0|
         """
         rows: Dict[str, JobInfo] = {}
         for line in text.splitlines():
-            fields = line.strip().split("|")
-            if len(fields) >= 2 and fields[0]:
-                info = cls._info(fields[1], "", fields[2] if len(fields) > 2 else "")
-                rows.update(dict.fromkeys(cls._expand_id(fields[0]), info))
+            fields = line.strip().split("|") + ["", ""]
+            if not fields[0] or not fields[1]:
+                continue
+            status = fields[3].strip()
+            exit_text = f"{int(status) >> 8}:{int(status) & 0x7F}" if status.isdigit() else ""
+            rows.update(dict.fromkeys(cls._expand_id(fields[0]), cls._info(fields[1], exit_text, fields[2])))
         return rows
 
     @staticmethod
@@ -5394,15 +5433,17 @@ class LocalExecutor(Executor):
         return job_id
 
     def _start_runner(self, spool: Path, job_id: str) -> None:
-        """Launch ``reflow.py _local-job`` detached from this process."""
+        """Launch ``reflow.py _local-job`` as a daemon (reparented to init, no zombie left here).
+
+        ``/bin/sh`` only backgrounds the runner: the script is constant and
+        every value is passed as a positional argument, never interpolated.
+        """
         module_file = os.path.abspath(sys.modules[__name__].__file__ or sys.argv[0])
-        log_path = spool / f"{job_id}.runner.log"
-        with open(log_path, "ab") as runner_log:
-            subprocess.Popen(
-                [sys.executable, "-I", module_file, "_local-job", str(spool), job_id],
-                stdin=subprocess.DEVNULL, stdout=runner_log, stderr=runner_log,
-                start_new_session=True, close_fds=True,
-            )
+        argv = [sys.executable, "-I", module_file, "_local-job", str(spool), job_id]
+        log_fd = os.open(spool / f"{job_id}.runner.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(log_fd, "ab") as runner_log:
+            subprocess.run(["/bin/sh", "-c", 'exec "$@" &', "sh", *argv], stdin=subprocess.DEVNULL,
+                           stdout=runner_log, stderr=runner_log, close_fds=True, check=True)
 
     def element_id(self, array_id: str, position: int) -> str:
         """Return ``<id>_<position>``, as Slurm does."""
@@ -5670,6 +5711,8 @@ def _local_cpu_count() -> int:
 
 def _run_local_job(spool: str, job_id: str) -> int:
     """Entry point of a local job runner (``reflow.py _local-job``)."""
+    with contextlib.suppress(OSError):
+        os.setsid()  # own session: cancel kills the runner's whole process group
     runner = _LocalJobRunner(Path(spool), job_id)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -5950,9 +5993,8 @@ def build_kwargs(spec: TaskSpec, run_parameters: Mapping[str, Any], task_input: 
     """
     local = (run_parameters.get(P_TASK_PARAMS) or {}).get(spec.name, {})
     kwargs: Dict[str, Any] = {}
-    for param in spec.signature.parameters.values():
-        name = param.name
-        if spec.is_rundir_param(param) and P_RUN_DIR in run_parameters:
+    for name, is_rundir in spec.call_plan:
+        if is_rundir and P_RUN_DIR in run_parameters:
             kwargs[name] = Path(run_parameters[P_RUN_DIR])
         elif name in task_input:
             kwargs[name] = task_input[name]
@@ -6173,10 +6215,14 @@ def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[s
     return 0
 
 
-def _call_task(spec: TaskSpec, kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Call a task function; return the result fields (state, output, hash, error)."""
+def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Dict[str, Any]:
+    """Call a task function; return the result fields (state, output, hash, error).
+
+    ``guard`` installs :func:`graceful_shutdown` around the call; callers
+    that run many calls in a row install it once around all of them.
+    """
     try:
-        with graceful_shutdown():
+        with graceful_shutdown() if guard else contextlib.nullcontext():
             output = spec.func(**kwargs)
     except BaseException as exc:  # the result file must be written whatever happened
         if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, TaskInterrupted):
@@ -7028,7 +7074,8 @@ class _LocalRun:
             pooled = _run_in_pool(spec, calls, workers)
             if pooled is not None:
                 return pooled
-        return [_call_task(spec, kwargs) for kwargs in calls]
+        with graceful_shutdown():
+            return [_call_task(spec, kwargs, guard=False) for kwargs in calls]
 
 
 def _pool_call(func: Callable, name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:

@@ -5,13 +5,21 @@ Tests that need a real scheduler skip when its commands are missing, except
 under ``CI=true``, where a missing scheduler is a failure.
 """
 
+import collections
 import contextlib
+import dataclasses
+import datetime
+import decimal
+import enum
 import importlib
 import importlib.util
 import inspect
 import io
 import json
+import math
 import os
+import pathlib
+import re
 import shutil
 import signal
 import sqlite3
@@ -807,5 +815,873 @@ class CliTest(TempDirTest):
         self.assertEqual(proc.returncode, 2)
 
 
+try:
+    import tomllib  # novermin
+except ImportError:  # Python < 3.11
+    tomllib = None
+
+
+@contextlib.contextmanager
+def _clean_env(**values):
+    """Run with every REFLOW_* / XDG_CONFIG_HOME variable removed, then ``values`` set."""
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith("REFLOW_") or name == "XDG_CONFIG_HOME":
+            del os.environ[name]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+# =============================================================================
+# Config: TOML reader
+# =============================================================================
+
+_TOML_VALID = {
+    "comments and tables": """
+# leading comment
+title = "reflow"   # trailing comment
+[executor]
+mode = "sbatch"
+max_submit_jobs = 100
+[executor.submit_options]
+qos = 'normal'
+exclusive = true
+off = false
+"quoted key" = "v"
+'literal key' = 1
+"" = "empty key"
+""",
+    "dotted keys and headers": """
+[dispatch]
+a.b.c = 1
+a.b.d = 2
+a . "x y" . 'z' = 3
+[ fruit . apple ]
+color = "red"
+[fruit]
+banana.color = "yellow"
+[fruit.banana.texture]
+smooth = true
+[deep.x.y]
+k = 1
+[deep]
+j = 2
+""",
+    "integers": """
+ints = [+1, -2, 0, -0, +0, 1_000, 99, 5_349_221, 0xff, 0xDEAD_beef, 0o17, 0o7_7, 0b101, 0b1_0]
+big = 9223372036854775808
+""",
+    "floats": """
+floats = [1.5, -0.5, +3.25, 1e3, 1E-3, 6.02e+23, 1_0.0_1, 0.0, -0.0, 5e2_2, 3.0e0]
+specials = [inf, +inf, -inf, nan, +nan, -nan]
+""",
+    "basic strings": r"""
+esc = "tab\there\nnl \"q\" back\\slash \u00e9 \U0001F600 \b\f\r"
+tabbed = "a	b"
+unicode = "naïve ☃"
+""",
+    "literal strings": r"""
+path = 'C:\Users\nobody\x'
+quote = '"quoted"'
+""",
+    "multi-line strings": '''
+a = """
+first
+second"""
+b = """one \\
+    two \\
+
+    three"""
+c = """quote at end""""
+d = """two at end"""""
+e = \'\'\'
+raw \\n
+kept\'\'\'
+f = \'\'\'x\'\'\'\'\'
+g = """a "b" ""c"" d"""
+h = """\\
+  trimmed"""
+i = """tab\\tescape"""
+''',
+    "arrays": """
+empty = []
+nested = [[1, 2], ["a", 'b'], [], [[true]]]
+multi = [
+  1,   # one
+  2,
+  # a comment line
+  3,
+]
+mixed = [1, "two", 3.0, {x = 1}, [false]]
+spaced = [ 1 , 2 ]
+tables = [{name = "a"}, {name = "b", n.m = 1}]
+""",
+    "inline tables": """
+empty = {}
+point = { x = 1, y = 2 }
+nested = {a = {b = {c = "d"}}, list = [1, {e = 2}]}
+dotted = {a.b = 1, a.c = 2}
+quoted = {"k k" = 1, 'l' = 2}
+""",
+    "arrays of tables": """
+[[job]]
+name = "a"
+[job.opts]
+x = 1
+[[job]]
+name = "b"
+sub.k = 2
+[[job.steps]]
+s = 1
+[[job.steps]]
+s = 2
+""",
+    "whitespace": "\ta\t=\t1\t\n  [  t  ]  \n  b  =  'x'  \n\n\n",
+    "crlf": "a = 1\r\n[t]\r\nb = \"\"\"x\r\ny\"\"\"\r\n",
+    "no trailing newline": "a = 1",
+    "empty": "",
+    "only comments": "# nothing\n   # here\n",
+    "keywords as keys": "true = 1\nfalse = 2\ninf = 3\nnan = 4\n1234 = 5\n-_- = 6\n",
+    "comment right after value": 'a = "x"#c\nb = [1]#c\nc = {d = 1}#c\n',
+}
+
+# (document, line the error is reported on)
+_TOML_INVALID = {
+    "missing equals": ("a = 1\nb\n", 2),
+    "missing equals after spaces": ("mode  \"x\"\n", 1),
+    "duplicate key": ("a = 1\na = 2\n", 2),
+    "duplicate key in table": ("[t]\na = 1\n[u]\n[t.x]\n[t]\n", 5),
+    "duplicate table": ("[t]\n[t]\n", 2),
+    "extend inline table by dotted key": ("a = {x = 1}\na.y = 2\n", 2),
+    "extend inline table by header": ("a = {x = 1}\n[a.y]\n", 2),
+    "redefine dotted table by header": ("[a]\nb.c = 1\n[a.b]\n", 3),
+    "dotted key into earlier header table": ("[a.b]\nc = 1\n[a]\nb.d = 1\n", 4),
+    "static array then array of tables": ("a = [1]\n[[a]]\n", 2),
+    "table then array of tables": ("[a]\n[[a]]\n", 2),
+    "array of tables then table": ("[[a]]\n[a]\n", 2),
+    "value then table": ("a = 1\n[a]\n", 2),
+    "value then sub-table": ("[a]\nb = 1\n[a.b.c]\n", 3),
+    "dotted then value": ("a.b = 1\na = 2\n", 2),
+    "unterminated string": ('a = "abc\nb = 1\n', 1),
+    "unterminated literal": ("a = 'abc\n", 1),
+    "unterminated multi-line": ('x = 1\na = """abc\n\n', 2),
+    "unterminated multi-line literal": ("a = '''abc\n", 1),
+    "bad escape": ('a = "\\q"\n', 1),
+    "bad unicode escape": ('a = "\\u12"\n', 1),
+    "surrogate escape": ('a = "\\uD800"\n', 1),
+    "escape with trailing text": ('a = """x\\  y\n"""\n', 1),
+    "control char in string": ('a = "x\x07"\n', 1),
+    "control char in comment": ("a = 1 # \x01\n", 1),
+    "leading zero": ("a = 01\n", 1),
+    "double underscore": ("a = 1__0\n", 1),
+    "trailing underscore": ("a = 10_\n", 1),
+    "signed hex": ("a = +0x10\n", 1),
+    "bare dot float": ("a = .5\n", 1),
+    "trailing dot float": ("a = 5.\n", 1),
+    "empty exponent": ("a = 1e\n", 1),
+    "bare word": ("mode = sbatch\n", 1),
+    "truncated bool": ("a = tru\n", 1),
+    "missing value": ("a =\n", 1),
+    "missing value at end": ("a = ", 1),
+    "missing key": ("= 1\n", 1),
+    "two values on a line": ("a = 1 b = 2\n", 1),
+    "array missing comma": ("a = [1 2]\n", 1),
+    "array double comma": ("a = [1,,2]\n", 1),
+    "unterminated array": ("x = 1\na = [1,\n2\n", 2),
+    "inline trailing comma": ("a = {x = 1,}\n", 1),
+    "inline newline": ("a = {x = 1\n}\n", 1),
+    "inline duplicate": ("a = {x = 1, x = 2}\n", 1),
+    "unclosed header": ("[a\nb = 1\n", 1),
+    "text after header": ("[a] x\n", 1),
+    "empty header": ("[]\n", 1),
+    "lone carriage return": ("a = 1\rb = 2\n", 1),
+}
+
+
+@unittest.skipIf(tomllib is None, "tomllib needs Python 3.11")
+class TestTomlParity(unittest.TestCase):
+    """The built-in reader gives exactly what tomllib gives, and rejects what it rejects."""
+
+    def test_valid_documents_match_tomllib(self):
+        for name, document in _TOML_VALID.items():
+            with self.subTest(name):
+                ours = reflow._TomlReader(document, "t.toml").parse()
+                self.assertEqual(repr(ours), repr(tomllib.loads(document)))
+
+    def test_invalid_documents_rejected_by_both(self):
+        for name, (document, _line) in _TOML_INVALID.items():
+            with self.subTest(name):
+                with self.assertRaises(tomllib.TOMLDecodeError):
+                    tomllib.loads(document)
+                with self.assertRaises(reflow.ConfigError):
+                    reflow._TomlReader(document, "t.toml").parse()
+
+    def test_tomllib_errors_become_one_line_config_errors(self):
+        for name, (document, _line) in _TOML_INVALID.items():
+            with self.subTest(name):
+                with self.assertRaises(reflow.ConfigError) as caught:
+                    reflow._parse_toml(document, "/x/config.toml")
+                message = str(caught.exception)
+                self.assertRegex(message, r"^config /x/config\.toml line \d+: \S")
+                self.assertNotIn("\n", message)
+
+
+class TestTomlReader(unittest.TestCase):
+    """The built-in TOML reader on its own (it runs on 3.9/3.10)."""
+
+    def parse(self, document):
+        return reflow._TomlReader(document, "/x/config.toml").parse()
+
+    def test_values(self):
+        data = self.parse(_TOML_VALID["integers"] + _TOML_VALID["floats"])
+        self.assertEqual(data["ints"], [1, -2, 0, 0, 0, 1000, 99, 5349221, 255, 0xDEADBEEF, 15, 63, 5, 2])
+        self.assertEqual(data["big"], 2**63)
+        self.assertEqual(data["floats"][:4], [1.5, -0.5, 3.25, 1000.0])
+        self.assertEqual(math.copysign(1, data["floats"][8]), -1.0)
+        self.assertEqual(data["specials"][:3], [math.inf, math.inf, -math.inf])
+        self.assertTrue(all(math.isnan(x) for x in data["specials"][3:]))
+        self.assertTrue(all(type(x) is int for x in data["ints"]))
+
+    def test_strings(self):
+        data = self.parse(_TOML_VALID["basic strings"] + _TOML_VALID["multi-line strings"])
+        self.assertEqual(data["esc"], 'tab\there\nnl "q" back\\slash \u00e9 \U0001F600 \b\f\r')
+        self.assertEqual(data["a"], "first\nsecond")
+        self.assertEqual(data["b"], "one two three")
+        self.assertEqual(data["c"], 'quote at end"')
+        self.assertEqual(data["d"], 'two at end""')
+        self.assertEqual(data["e"], "raw \\n\nkept")
+        self.assertEqual(data["f"], "x''")
+        self.assertEqual(data["g"], 'a "b" ""c"" d')
+        self.assertEqual(data["h"], "trimmed")
+
+    def test_tables_and_dotted_keys(self):
+        data = self.parse(_TOML_VALID["dotted keys and headers"])
+        self.assertEqual(data["dispatch"]["a"], {"b": {"c": 1, "d": 2}, "x y": {"z": 3}})
+        self.assertEqual(data["fruit"]["banana"], {"color": "yellow", "texture": {"smooth": True}})
+        self.assertEqual(data["deep"], {"x": {"y": {"k": 1}}, "j": 2})
+
+    def test_arrays_and_inline_tables(self):
+        data = self.parse(_TOML_VALID["arrays"] + _TOML_VALID["arrays of tables"])
+        self.assertEqual(data["multi"], [1, 2, 3])
+        self.assertEqual(data["tables"], [{"name": "a"}, {"name": "b", "n": {"m": 1}}])
+        self.assertEqual(data["job"][1], {"name": "b", "sub": {"k": 2}, "steps": [{"s": 1}, {"s": 2}]})
+        self.assertEqual(self.parse("a = {x.y = 1, z = [1]}")["a"], {"x": {"y": 1}, "z": [1]})
+
+    def test_errors_name_file_and_line(self):
+        for name, (document, line) in _TOML_INVALID.items():
+            with self.subTest(name):
+                with self.assertRaises(reflow.ConfigError) as caught:
+                    self.parse(document)
+                message = str(caught.exception)
+                self.assertTrue(message.startswith(f"config /x/config.toml line {line}: "), message)
+                self.assertNotIn("\n", message)
+
+    def test_error_messages(self):
+        cases = {
+            "[executor]\n\nmode \"x\"\n": "config /x/config.toml line 3: expected '=' after key 'executor.mode'",
+            "a = 1\na = 2\n": "line 2: duplicate key 'a'",
+            "[t]\n[t]\n": "line 2: table [t] is defined twice",
+            "mode = sbatch\n": "invalid value 'sbatch' (strings must be quoted)",
+            'a = "\\q"': "invalid escape '\\q'",
+            "a = 1979-05-27\n": "dates and times are not supported",
+            "a = [1 2]\n": "expected ',' or ']' in array, found '2'",
+            "a = 1 b = 2\n": "unexpected text 'b' after the value",
+        }
+        for document, expected in cases.items():
+            with self.subTest(document):
+                with self.assertRaises(reflow.ConfigError) as caught:
+                    self.parse(document)
+                self.assertIn(expected, str(caught.exception))
+
+    def test_parse_toml_uses_reader_without_tomllib(self):
+        saved = reflow._tomllib
+        reflow._tomllib = None
+        try:
+            self.assertEqual(reflow._parse_toml("[a]\nb = 1\n", "f"), {"a": {"b": 1}})
+            with self.assertRaisesRegex(reflow.ConfigError, r"^config f line 2: "):
+                reflow._parse_toml("a = 1\nb\n", "f")
+        finally:
+            reflow._tomllib = saved
+
+
+# =============================================================================
+# Config: settings, validation, files
+# =============================================================================
+
+_FULL_CONFIG = {
+    "executor": {
+        "mode": "qsub-sge", "python": "/opt/py/bin/python3", "max_submit_jobs": 50,
+        "lost_job_grace": 30, "sbatch": "/opt/slurm/bin/sbatch", "qstat": "/opt/sge/qstat",
+        "submit_options": {"partition": "gpu", "account": "proj", "signal": "B:INT@60",
+                           "qos": "high", "exclusive": True, "gres": ["gpu:1"]},
+    },
+    "dispatch": {"cpus": 2, "time": "00:20:00", "mem": "2G", "partition": "short",
+                 "submit_options": {"qos": "low"}},
+    "notifications": {"mail_user": "me@example.org", "mail_type": "END,FAIL"},
+    "defaults": {"store_path": "/data/reflow.db", "run_dir": "/scratch/runs"},
+    "server": {"url": "http://localhost:8000"},
+    "store": {"journal_mode": "WAL"},
+    "local": {"max_cpus": 4},
+}
+
+
+class TestConfigSettings(unittest.TestCase):
+    """Config properties: defaults, file values, environment overrides."""
+
+    def test_defaults(self):
+        with _clean_env():
+            config = reflow.Config()
+            expected = {
+                "executor_mode": "sbatch", "executor_python": None, "executor_partition": None,
+                "executor_account": None, "max_submit_jobs": None, "executor_sbatch": "sbatch",
+                "executor_scancel": "scancel", "executor_sacct": "sacct", "mail_user": None,
+                "mail_type": None, "signal": None, "executor_submit_options": {}, "submit_options": {},
+                "dispatch_cpus": 1, "dispatch_time": "00:10:00", "dispatch_mem": "1G",
+                "dispatch_partition": None, "dispatch_account": None, "dispatch_submit_options": {},
+                "default_run_dir": None, "default_store_path": None, "server_url": None,
+                "lost_job_grace": reflow.DEFAULT_LOST_JOB_GRACE, "sqlite_journal": None,
+            }
+            for name, value in expected.items():
+                with self.subTest(name):
+                    self.assertEqual(getattr(config, name), value)
+            self.assertEqual(config.data, {})
+
+    def test_file_values(self):
+        with _clean_env():
+            config = reflow.Config(_FULL_CONFIG).validate()
+            self.assertEqual(config.executor_mode, "qsub-sge")
+            self.assertEqual(config.executor_python, "/opt/py/bin/python3")
+            self.assertEqual(config.executor_partition, "gpu")
+            self.assertEqual(config.executor_account, "proj")
+            self.assertEqual(config.max_submit_jobs, 50)
+            self.assertEqual(config.executor_sbatch, "/opt/slurm/bin/sbatch")
+            self.assertEqual(config.executor_binary("qstat"), "/opt/sge/qstat")
+            self.assertEqual(config.executor_binary("bjobs"), "bjobs")
+            self.assertEqual(config.signal, "B:INT@60")
+            self.assertEqual(config.mail_user, "me@example.org")
+            self.assertEqual(config.mail_type, "END,FAIL")
+            self.assertEqual(config.dispatch_cpus, 2)
+            self.assertEqual(config.dispatch_time, "00:20:00")
+            self.assertEqual(config.dispatch_mem, "2G")
+            self.assertEqual(config.dispatch_partition, "short")
+            self.assertEqual(config.dispatch_account, "proj")  # falls back to the executor's
+            self.assertEqual(config.dispatch_submit_options, {"qos": "low", "partition": "short", "account": "proj"})
+            self.assertEqual(config.default_store_path, "/data/reflow.db")
+            self.assertEqual(config.default_run_dir, "/scratch/runs")
+            self.assertEqual(config.server_url, "http://localhost:8000")
+            self.assertEqual(config.lost_job_grace, 30.0)
+            self.assertEqual(config.sqlite_journal, "WAL")
+            self.assertEqual(config.get("local.max_cpus"), 4)
+            self.assertEqual(config.get("executor.nope", "d"), "d")
+            self.assertEqual(config.get("executor.mode.deeper"), None)
+
+    def test_submit_options_merge_and_pass_unknown_keys(self):
+        with _clean_env():
+            options = reflow.Config(_FULL_CONFIG).executor_submit_options
+            self.assertEqual(options, {"partition": "gpu", "account": "proj", "signal": "B:INT@60",
+                                       "qos": "high", "exclusive": True, "gres": ["gpu:1"],
+                                       "mail_user": "me@example.org", "mail_type": "END,FAIL"})
+            self.assertEqual(reflow.Config(_FULL_CONFIG).submit_options, options)
+
+    def test_queue_is_a_synonym_of_partition(self):
+        with _clean_env():
+            for data in ({"executor": {"queue": "q1"}}, {"executor": {"submit_options": {"queue": "q1"}}}):
+                with self.subTest(data):
+                    config = reflow.Config(data)
+                    self.assertEqual(config.executor_partition, "q1")
+                    self.assertEqual(config.submit_options, {"partition": "q1"})
+        with _clean_env(REFLOW_QUEUE="q2"):
+            config = reflow.Config({"executor": {"submit_options": {"queue": "q1"}}})
+            self.assertEqual(config.submit_options, {"partition": "q2"})
+
+    def test_environment_beats_file(self):
+        env = {
+            "REFLOW_MODE": "flux", "REFLOW_PYTHON": "/env/python", "REFLOW_MAX_SUBMIT_JOBS": "7",
+            "REFLOW_SBATCH": "/env/sbatch", "REFLOW_SCANCEL": "/env/scancel", "REFLOW_SACCT": "/env/sacct",
+            "REFLOW_QSTAT": "/env/qstat", "REFLOW_PARTITION": "envpart", "REFLOW_ACCOUNT": "envacct",
+            "REFLOW_SIGNAL": "USR1@30", "REFLOW_MAIL_USER": "env@x", "REFLOW_MAIL_TYPE": "ALL",
+            "REFLOW_DISPATCH_CPUS": "3", "REFLOW_DISPATCH_TIME": "01:00:00", "REFLOW_DISPATCH_MEM": "3G",
+            "REFLOW_DISPATCH_PARTITION": "envdp", "REFLOW_DISPATCH_ACCOUNT": "envda",
+            "REFLOW_STORE_PATH": "/env/db", "REFLOW_SERVER_URL": "http://env", "REFLOW_LOST_JOB_GRACE": "5",
+            "REFLOW_SQLITE_JOURNAL": "DELETE",
+        }
+        with _clean_env(**env):
+            config = reflow.Config(_FULL_CONFIG)
+            self.assertEqual(config.executor_mode, "flux")
+            self.assertEqual(config.executor_python, "/env/python")
+            self.assertEqual(config.max_submit_jobs, 7)
+            self.assertEqual(config.executor_sbatch, "/env/sbatch")
+            self.assertEqual(config.executor_scancel, "/env/scancel")
+            self.assertEqual(config.executor_sacct, "/env/sacct")
+            self.assertEqual(config.executor_binary("qstat"), "/env/qstat")
+            self.assertEqual(config.executor_partition, "envpart")
+            self.assertEqual(config.executor_account, "envacct")
+            self.assertEqual(config.signal, "USR1@30")
+            self.assertEqual(config.mail_user, "env@x")
+            self.assertEqual(config.mail_type, "ALL")
+            self.assertEqual(config.dispatch_cpus, 3)
+            self.assertEqual(config.dispatch_time, "01:00:00")
+            self.assertEqual(config.dispatch_mem, "3G")
+            self.assertEqual(config.dispatch_partition, "envdp")
+            self.assertEqual(config.dispatch_account, "envda")
+            self.assertEqual(config.default_store_path, "/env/db")
+            self.assertEqual(config.server_url, "http://env")
+            self.assertEqual(config.lost_job_grace, 5.0)
+            self.assertEqual(config.sqlite_journal, "DELETE")
+            self.assertEqual(config.submit_options["partition"], "envpart")
+            self.assertEqual(config.submit_options["qos"], "high")
+            self.assertEqual(config.dispatch_submit_options["partition"], "envdp")
+
+    def test_empty_environment_value_is_unset(self):
+        with _clean_env(REFLOW_MODE="", REFLOW_PARTITION=""):
+            config = reflow.Config({"executor": {"mode": "bsub", "partition": "p"}})
+            self.assertEqual((config.executor_mode, config.executor_partition), ("bsub", "p"))
+
+    def test_max_submit_jobs_invalid_means_no_cap(self):
+        for raw in ("0", "-3", "ten", "1.5"):
+            with self.subTest(raw), _clean_env(REFLOW_MAX_SUBMIT_JOBS=raw):
+                self.assertIsNone(reflow.Config({"executor": {"max_submit_jobs": 9}}).max_submit_jobs)
+        with _clean_env():
+            self.assertIsNone(reflow.Config({"executor": {"max_submit_jobs": 0}}).max_submit_jobs)
+            self.assertEqual(reflow.Config({"executor": {"max_submit_jobs": 9}}).max_submit_jobs, 9)
+
+    def test_bad_environment_numbers_raise(self):
+        with _clean_env(REFLOW_DISPATCH_CPUS="two"), self.assertRaisesRegex(reflow.ConfigError, "REFLOW_DISPATCH_CPUS"):
+            _ = reflow.Config().dispatch_cpus
+        with _clean_env(REFLOW_LOST_JOB_GRACE="-1"), self.assertRaisesRegex(reflow.ConfigError, "LOST_JOB_GRACE"):
+            _ = reflow.Config().lost_job_grace
+
+    def test_executor_binary_names(self):
+        with _clean_env(REFLOW_FLUX="/env/flux"):
+            config = reflow.Config({"executor": {"qacct": "/x/qacct"}})
+            for name in ("sbatch", "scancel", "sacct", "squeue", "qsub", "qdel", "qstat",
+                         "bsub", "bkill", "bjobs"):
+                self.assertEqual(config.executor_binary(name), name)
+            self.assertEqual(config.executor_binary("flux"), "/env/flux")
+            self.assertEqual(config.executor_binary("qacct"), "/x/qacct")
+            with self.assertRaisesRegex(reflow.ConfigError, "unknown scheduler binary 'sbach'. Did you mean 'sbatch'"):
+                config.executor_binary("sbach")
+
+
+class TestConfigValidation(unittest.TestCase):
+    """Config.validate: unknown keys with suggestions, wrong types."""
+
+    def check(self, data, expected):
+        config = reflow.Config(data, path="/x/config.toml")
+        with self.assertRaises(reflow.ConfigError) as caught:
+            config.validate()
+        self.assertEqual(str(caught.exception), expected)
+
+    def test_full_config_is_valid(self):
+        self.assertIsInstance(reflow.Config(_FULL_CONFIG).validate(), reflow.Config)
+
+    def test_unknown_keys_suggest_the_closest(self):
+        cases = [
+            ({"executor": {"mdoe": "x"}},
+             "config /x/config.toml: unknown key 'executor.mdoe'. Did you mean 'executor.mode'?"),
+            ({"exectuor": {}}, "config /x/config.toml: unknown table 'exectuor'. Did you mean 'executor'?"),
+            ({"mode": "sbatch"}, "config /x/config.toml: unknown key 'mode'. Did you mean 'executor.mode'?"),
+            ({"dispatch": {"python": "x"}},
+             "config /x/config.toml: unknown key 'dispatch.python'. Did you mean 'executor.python'?"),
+            ({"dispatch": {"cpu": 1}},
+             "config /x/config.toml: unknown key 'dispatch.cpu'. Did you mean 'dispatch.cpus'?"),
+            ({"notifications": {"zzz": 1}}, "config /x/config.toml: unknown key 'notifications.zzz'."),
+        ]
+        for data, expected in cases:
+            with self.subTest(data):
+                self.check(data, expected)
+
+    def test_wrong_types(self):
+        cases = [
+            ({"executor": {"mode": 3}}, "'executor.mode' must be a string, got 3"),
+            ({"executor": {"max_submit_jobs": "10"}}, "'executor.max_submit_jobs' must be an integer, got '10'"),
+            ({"executor": {"max_submit_jobs": True}}, "'executor.max_submit_jobs' must be an integer"),
+            ({"executor": {"lost_job_grace": -1}}, "'executor.lost_job_grace' must be a number of seconds"),
+            ({"executor": {"submit_options": "x"}}, "'executor.submit_options' must be a table"),
+            ({"dispatch": {"cpus": 0}}, "'dispatch.cpus' must be at least 1, got 0"),
+            ({"dispatch": {"time": "1h30"}}, "'dispatch.time' is invalid: invalid walltime '1h30'"),
+            ({"dispatch": {"mem": "lots"}}, "'dispatch.mem' is invalid: invalid memory 'lots'"),
+            ({"dispatch": {"mem": 1.5}}, "'dispatch.mem' must be a string"),
+            ({"store": {"journal_mode": "fast"}}, "'store.journal_mode' must be one of DELETE"),
+            ({"local": {"max_cpus": "4"}}, "'local.max_cpus' must be an integer"),
+            ({"executor": 3}, "'executor' must be a table"),
+        ]
+        for data, expected in cases:
+            with self.subTest(data):
+                with self.assertRaises(reflow.ConfigError) as caught:
+                    reflow.Config(data, path="/x/config.toml").validate()
+                self.assertIn(expected, str(caught.exception))
+                self.assertTrue(str(caught.exception).startswith("config /x/config.toml: "))
+
+    def test_valid_odd_values(self):
+        reflow.Config({"dispatch": {"time": 600, "mem": 2048}, "store": {"journal_mode": "wal"},
+                       "executor": {"lost_job_grace": 0.5, "max_submit_jobs": 0}}).validate()
+
+
+class TestConfigFiles(unittest.TestCase):
+    """load_config, write_example_config, ensure_config_exists and config_path."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.home = pathlib.Path(self.tmp.name) / "home"
+        self.home.mkdir()
+        self.env = _clean_env(HOME=str(self.home))
+        self.env.__enter__()
+
+    def tearDown(self):
+        self.env.__exit__(None, None, None)
+        self.tmp.cleanup()
+
+    def test_config_path(self):
+        self.assertEqual(reflow.config_path(), self.home / ".config" / "reflow" / "config.toml")
+        os.environ["XDG_CONFIG_HOME"] = "/xdg"
+        self.assertEqual(reflow.config_path(), pathlib.Path("/xdg/reflow/config.toml"))
+        os.environ["XDG_CONFIG_HOME"] = "relative/ignored"
+        self.assertEqual(reflow.config_path(), self.home / ".config" / "reflow" / "config.toml")
+
+    def test_load_config_without_file_writes_nothing(self):
+        config = reflow.load_config()
+        self.assertEqual(config.data, {})
+        self.assertEqual(config.executor_mode, "sbatch")
+        self.assertEqual(list(self.home.iterdir()), [])
+        reflow.load_config(self.home / "missing" / "config.toml")
+        self.assertEqual(list(self.home.iterdir()), [])
+
+    def test_load_config_reads_and_validates(self):
+        path = self.home / "c.toml"
+        path.write_text('[executor]\nmode = "bsub"\n[executor.submit_options]\nqos = "x"\n')
+        config = reflow.load_config(path)
+        self.assertEqual((config.executor_mode, config.submit_options), ("bsub", {"qos": "x"}))
+        self.assertEqual(config.path, path)
+        path.write_text('[executor]\nmdoe = "bsub"\n')
+        with self.assertRaisesRegex(reflow.ConfigError, "unknown key 'executor.mdoe'. Did you mean 'executor.mode'"):
+            reflow.load_config(str(path))
+
+    def test_load_config_default_locations(self):
+        xdg = self.home / "xdg"
+        (xdg / "reflow").mkdir(parents=True)
+        (xdg / "reflow" / "config.toml").write_text('[executor]\nmode = "flux"\n')
+        os.environ["XDG_CONFIG_HOME"] = str(xdg)
+        self.assertEqual(reflow.load_config().executor_mode, "flux")
+        other = self.home / "other.toml"
+        other.write_text('[executor]\nmode = "local"\n')
+        os.environ["REFLOW_CONFIG"] = str(other)
+        self.assertEqual(reflow.load_config().executor_mode, "local")
+
+    def test_load_config_errors_name_the_file(self):
+        path = self.home / "bad.toml"
+        path.write_text('[executor]\nmode = "sbatch"\nmode = "bsub"\n')
+        with self.assertRaisesRegex(reflow.ConfigError, rf"^config {re.escape(str(path))} line 3: "):
+            reflow.load_config(path)
+        path.write_bytes(b'a = "\xff"\n')
+        with self.assertRaisesRegex(reflow.ConfigError, "not UTF-8"):
+            reflow.load_config(path)
+        with self.assertRaisesRegex(reflow.ConfigError, "cannot read"):
+            reflow.load_config(self.home)
+
+    def test_load_config_accepts_bom(self):
+        path = self.home / "bom.toml"
+        path.write_bytes(b'\xef\xbb\xbf[executor]\nmode = "bsub"\n')
+        self.assertEqual(reflow.load_config(path).executor_mode, "bsub")
+
+    def test_write_example_config_permissions(self):
+        path = reflow.write_example_config()
+        self.assertEqual(path, self.home / ".config" / "reflow" / "config.toml")
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(path.parent.stat().st_mode), 0o700)
+        with self.assertRaises(FileExistsError):
+            reflow.write_example_config()
+        path.write_text("# mine\n")
+        self.assertEqual(reflow.write_example_config(overwrite=True), path)
+        self.assertIn("[executor]", path.read_text())
+
+    def test_ensure_config_exists(self):
+        path = self.home / "sub" / "config.toml"
+        self.assertEqual(reflow.ensure_config_exists(path), path)
+        self.assertTrue(path.is_file())
+        path.write_text("# mine\n")
+        reflow.ensure_config_exists(path)
+        self.assertEqual(path.read_text(), "# mine\n")
+
+    def test_example_config_parses_and_validates(self):
+        path = reflow.write_example_config(self.home / "example.toml")
+        config = reflow.load_config(path)
+        self.assertEqual(config.executor_mode, "sbatch")
+        self.assertTrue(all(value == {} for value in config.data.values()))
+
+    def test_example_config_uncommented_is_valid_and_complete(self):
+        text = reflow._EXAMPLE_CONFIG
+        live = re.sub(r"(?m)^# (\[[\w.]+\]|\w+ = .*)$", r"\1", text)
+        data = reflow._parse_toml(live, "example")
+        reflow.Config(data).validate()
+        for table, keys in reflow._CONFIG_SCHEMA.items():
+            for key in keys:
+                with self.subTest(f"{table}.{key}"):
+                    self.assertIn(key, data[table])
+        with _clean_env():
+            defaults = reflow.Config()
+            config = reflow.Config(data)
+            for name in ("executor_mode", "dispatch_cpus", "dispatch_time", "dispatch_mem", "lost_job_grace"):
+                self.assertEqual(getattr(config, name), getattr(defaults, name), name)
+
+
+# =============================================================================
+# Codec: typed JSON manifest
+# =============================================================================
+
+
+class _CodecColor(enum.Enum):
+    RED = 1
+    GREEN = "green"
+    PAIR = (1, 2)
+
+
+class _CodecLevel(enum.IntEnum):
+    LOW = 1
+
+
+class _CodecState(str, enum.Enum):
+    DONE = "DONE"
+
+
+@dataclasses.dataclass
+class _CodecPoint:
+    x: int
+    y: float = 0.0
+    tags: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class _CodecBox:
+    corner: _CodecPoint
+    path: pathlib.Path
+    computed: int = dataclasses.field(init=False, default=0)
+
+
+class _CodecOuter:
+    @dataclasses.dataclass
+    class Inner:
+        value: int
+
+
+_CodecPair = collections.namedtuple("_CodecPair", "a b")
+
+
+class TestManifestCodec(unittest.TestCase):
+    """ManifestCodec: round trips, tags, errors, determinism, speed-critical paths."""
+
+    codec = reflow.DEFAULT_CODEC
+
+    def roundtrip(self, value):
+        text = self.codec.dumps(value)
+        json.loads(text, parse_constant=self.fail)  # strict JSON: no NaN/Infinity
+        via_text = self.codec.loads(text)
+        via_data = self.codec.load_value(json.loads(json.dumps(self.codec.dump_value(value))))
+        self.assertEqual(self.codec.canonical_dumps(via_text), self.codec.canonical_dumps(via_data))
+        return via_text
+
+    def test_plain_json_passes_through(self):
+        values = [None, True, False, 0, -5, 2**70, 1.5, "", "héllo", [], {}, [1, [2, [3]]],
+                  {"a": {"b": [None, {"c": 1.25}]}}]
+        for value in values:
+            with self.subTest(value=value):
+                self.assertEqual(self.codec.dump_value(value), value)
+                self.assertEqual(self.roundtrip(value), value)
+                self.assertEqual(self.codec.dumps(value), json.dumps(value, sort_keys=True, separators=(",", ":")))
+
+    def test_tagged_types_round_trip(self):
+        aware = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=datetime.timezone(datetime.timedelta(hours=2)))
+        values = [
+            ("path", pathlib.Path("/data/x.csv")),
+            ("relative path", pathlib.Path("rel/x")),
+            ("datetime", datetime.datetime(2024, 5, 6, 7, 8, 9)),
+            ("aware datetime", aware),
+            ("date", datetime.date(2024, 2, 29)),
+            ("time", datetime.time(23, 59, 58, 5)),
+            ("timedelta", datetime.timedelta(days=-1, seconds=5, microseconds=250000)),
+            ("uuid", uuid.UUID("12345678-1234-5678-1234-567812345678")),
+            ("tuple", (1, "a", (2.5, None))),
+            ("empty tuple", ()),
+            ("set", {3, 1, 2}),
+            ("frozenset", frozenset({"b", "a"})),
+            ("set of tuples", {(1, 2), (0, 5)}),
+            ("bytes", b"\x00\xffbinary"),
+            ("bytearray", bytearray(b"abc")),
+            ("decimal", decimal.Decimal("3.14159265358979323846")),
+            ("enum", _CodecColor.RED),
+            ("enum with str value", _CodecColor.GREEN),
+            ("enum with tuple value", _CodecColor.PAIR),
+            ("int enum", _CodecLevel.LOW),
+            ("str enum", _CodecState.DONE),
+            ("dataclass", _CodecPoint(1, 2.5, (1, 2))),
+            ("nested frozen dataclass", _CodecBox(_CodecPoint(0), pathlib.Path("/p"))),
+            ("nested class", _CodecOuter.Inner(3)),
+        ]
+        for name, value in values:
+            with self.subTest(name):
+                back = self.roundtrip(value)
+                self.assertEqual(back, value)
+                self.assertIs(type(back), type(value))
+
+    def test_tag_shapes(self):
+        marker = "__reflow_manifest__"
+        self.assertEqual(self.codec.dump_value(pathlib.Path("/x")), {marker: True, "type": "path", "value": "/x"})
+        self.assertEqual(self.codec.dump_value((1, 2)), {marker: True, "type": "tuple", "value": [1, 2]})
+        self.assertEqual(self.codec.dump_value(_CodecColor.RED),
+                         {marker: True, "type": "enum", "class": f"{__name__}._CodecColor", "value": 1})
+        self.assertEqual(self.codec.dump_value(_CodecPoint(1)),
+                         {marker: True, "type": "dataclass", "class": f"{__name__}._CodecPoint",
+                          "fields": {"x": 1, "y": 0.0, "tags": {marker: True, "type": "tuple", "value": []}}})
+        self.assertEqual(self.codec.dump_value(datetime.timedelta(minutes=1, milliseconds=500))["value"], 60.5)
+
+    def test_nested_containers(self):
+        value = {"runs": [{"out": pathlib.Path("/a"), "pair": (1, {2, 3}), "when": datetime.date(2020, 1, 1)}],
+                 "meta": {"deep": [[(), [frozenset()]]], "n": float("inf")}}
+        self.assertEqual(self.roundtrip(value), value)
+
+    def test_subclasses_of_plain_types(self):
+        self.assertEqual(self.roundtrip(collections.OrderedDict(a=1)), {"a": 1})
+        self.assertEqual(self.roundtrip(_CodecPair(1, 2)), (1, 2))
+        self.assertEqual(self.roundtrip(pathlib.PurePosixPath("/pure")), pathlib.Path("/pure"))
+        self.assertEqual(self.roundtrip({_CodecState.DONE: 1}), {"DONE": 1})
+        self.assertIs(type(next(iter(self.roundtrip({_CodecState.DONE: 1})))), str)
+
+    def test_nan_and_infinity_are_tagged(self):
+        text = self.codec.dumps([float("nan"), float("inf"), float("-inf"), 1.0])
+        self.assertNotIn("NaN", text)
+        self.assertNotIn("Infinity", text)
+        back = self.codec.loads(text)
+        self.assertTrue(math.isnan(back[0]))
+        self.assertEqual(back[1:], [math.inf, -math.inf, 1.0])
+        self.assertNotIn("NaN", self.codec.canonical_dumps({"x": float("nan")}))
+
+    def test_non_str_keys_raise(self):
+        for key in (1, 1.5, None, (1, 2), True):
+            with self.subTest(key=key):
+                with self.assertRaises(reflow.ManifestError) as caught:
+                    self.codec.dumps({"ok": {key: 1}})
+                self.assertIsInstance(caught.exception, TypeError)
+                self.assertIn(repr(type(key).__name__), str(caught.exception))
+
+    def test_unknown_type_raises(self):
+        class Foo:
+            pass
+        with self.assertRaises(reflow.ManifestError) as caught:
+            self.codec.dumps([Foo()])
+        self.assertIsInstance(caught.exception, TypeError)
+        self.assertIn("cannot encode value of type 'Foo' to JSON (supported: ", str(caught.exception))
+        with self.assertRaises(TypeError):
+            self.codec.dump_value(object())
+
+    def test_unknown_tag_raises(self):
+        bad = '{"__reflow_manifest__": true, "type": "pickle", "value": "x"}'
+        with self.assertRaisesRegex(reflow.ManifestError, "unknown manifest tag type 'pickle'"):
+            self.codec.loads(bad)
+        with self.assertRaises(TypeError):
+            self.codec.load_value(json.loads(bad))
+        with self.assertRaisesRegex(reflow.ManifestError, "cannot decode 'datetime'"):
+            self.codec.loads('{"__reflow_manifest__": true, "type": "datetime", "value": "yesterday"}')
+
+    def test_marker_key_in_user_dicts_round_trips(self):
+        values = [
+            {"__reflow_manifest__": True, "type": "path", "value": "/x"},
+            {"__reflow_manifest__": 5},
+            {"outer": [{"__reflow_manifest__": {"__reflow_manifest__": True, "type": "tuple"}}]},
+        ]
+        for value in values:
+            with self.subTest(value=value):
+                back = self.roundtrip(value)
+                self.assertEqual(back, value)
+                self.assertIs(type(back), dict)
+        self.assertEqual(self.codec.dumps({"b": 1, "__reflow_manifest__": 2, "a": 3}),
+                         self.codec.dumps({"a": 3, "__reflow_manifest__": 2, "b": 1}))
+
+    def test_foreign_marker_values_are_plain_dicts(self):
+        self.assertEqual(self.codec.loads('{"__reflow_manifest__": 1, "x": 2}'), {"__reflow_manifest__": 1, "x": 2})
+
+    def test_class_fallbacks(self):
+        def tag(kind, cls, **extra):
+            return dict({"__reflow_manifest__": True, "type": kind, "class": cls}, **extra)
+        self.assertEqual(self.codec.load_value(tag("enum", "no_such_module_xyz.Color", value=3)), 3)
+        self.assertEqual(self.codec.load_value(tag("enum", f"{__name__}._CodecColor", value=99)), 99)
+        self.assertEqual(self.codec.load_value(tag("enum", f"{__name__}._CodecPoint", value=1)), 1)
+        self.assertEqual(self.codec.load_value(tag("dataclass", "no_such_module_xyz.P", fields={"x": 1})), {"x": 1})
+        self.assertEqual(self.codec.load_value(tag("dataclass", f"{__name__}._CodecPoint", fields={"q": 1})),
+                         {"q": 1})
+        self.assertEqual(self.codec.load_value(tag("dataclass", "os.path.join", fields={"x": 1})), {"x": 1})
+
+        @dataclasses.dataclass
+        class Local:
+            x: int
+        self.assertEqual(self.roundtrip(Local(1)), {"x": 1})
+
+    def test_non_init_dataclass_field_is_restored(self):
+        box = _CodecBox(_CodecPoint(1), pathlib.Path("/b"))
+        object.__setattr__(box, "computed", 42)
+        self.assertEqual(self.roundtrip(box).computed, 42)
+
+    def test_canonical_dumps_is_deterministic(self):
+        first = {"b": 1, "a": {"z": {3, 1, 2}, "y": frozenset({"q", "p"})}}
+        second = {"a": {"y": frozenset({"p", "q"}), "z": {2, 3, 1}}, "b": 1}
+        self.assertEqual(self.codec.canonical_dumps(first), self.codec.canonical_dumps(second))
+        self.assertEqual(self.codec.canonical_dumps({"é": "ü"}), '{"é":"ü"}')
+        self.assertEqual(self.codec.dumps(first), self.codec.dumps(second))
+
+    def test_canonical_dumps_of_sets_ignores_hash_seed(self):
+        script = ("import reflow; print(reflow.DEFAULT_CODEC.canonical_dumps("
+                  "{'s': set('abcdefghij'), 't': {(1, 'x'), (0, 'y')}}))")
+        outputs = set()
+        for seed in ("1", "2", "3"):
+            env = dict(os.environ, PYTHONHASHSEED=seed)
+            result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                    env=env, cwd=os.path.dirname(os.path.abspath(reflow.__file__)), check=True)
+            outputs.add(result.stdout)
+        self.assertEqual(len(outputs), 1)
+
+    def test_pretty_and_bytes_input(self):
+        value = {"b": [1], "a": pathlib.Path("/x")}
+        pretty = self.codec.dumps(value, pretty=True)
+        self.assertIn('\n  "a": {\n', pretty)
+        self.assertEqual(self.codec.loads(pretty), value)
+        self.assertEqual(self.codec.loads(self.codec.dumps(value).encode("utf-8")), value)
+        self.assertEqual(self.codec.dumps({"b": 1, "a": 2}), '{"a":2,"b":1}')
+
+    def test_custom_marker_key(self):
+        for marker in ("$t", "__rëflow__"):
+            with self.subTest(marker):
+                codec = reflow.ManifestCodec(marker_key=marker)
+                value = {"p": pathlib.Path("/x"), marker: 1, "__reflow_manifest__": 2}
+                self.assertEqual(codec.loads(codec.dumps(value)), value)
+                self.assertIn(marker, codec.dump_value(pathlib.Path("/x")))
+
+    def test_codec_is_a_frozen_dataclass(self):
+        self.assertEqual(reflow.DEFAULT_CODEC, reflow.ManifestCodec("__reflow_manifest__", 1))
+        self.assertEqual(reflow.DEFAULT_CODEC.schema_version, 1)
+        with self.assertRaises(dataclasses.FrozenInstanceError):
+            reflow.DEFAULT_CODEC.marker_key = "x"
+
+    def test_large_array_round_trip(self):
+        value = [{"i": i, "name": f"s{i}", "score": i / 3, "path": pathlib.Path(f"/d/{i}")} for i in range(20000)]
+        self.assertEqual(self.codec.loads(self.codec.dumps(value)), value)
+        plain = [{"i": i, "name": f"s{i}", "ok": True} for i in range(20000)]
+        self.assertEqual(self.codec.loads(self.codec.dumps(plain)), plain)
+
+
+
+def main() -> int:
+    """Run every test (or those named on the command line) and print one closing line."""
+    program = unittest.main(exit=False, verbosity=int(os.environ.get("VERBOSE", "1")))
+    result = program.result
+    failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
+    skipped = len(result.skipped)
+    passed = result.testsRun - failed - skipped
+    print(f"\n{passed} passed, {failed} failed, {skipped} skipped")
+    return 0 if result.wasSuccessful() and result.testsRun else 1
+
+
 if __name__ == "__main__":
-    unittest.main()
+    sys.exit(main())

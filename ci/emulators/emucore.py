@@ -190,17 +190,6 @@ def sig_number(name):
     return int(sig) if isinstance(sig, signal.Signals) else None
 
 
-def pid_alive(pid):
-    """Tell whether a process exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 # ===========================================================================
 # State store
 # ===========================================================================
@@ -409,12 +398,19 @@ def set_knobs(store, **values):
 
 
 def enter(store, command):
-    """Apply the slow / fail knobs to one command call; True = must fail."""
+    """Apply the slow / fail knobs to one command call; True = must fail.
+
+    fail_commands lists command names (qsub, bjobs, flux-submit; plain
+    'flux' matches every flux subcommand).
+    """
     knobs = store.knobs()
     if knobs["slow"]:
         time.sleep(float(knobs["slow"]))
-    wanted = [c.strip() for c in str(knobs["fail_commands"] or "").split(",") if c.strip()]
-    if wanted and command not in wanted:
+    wanted = knobs["fail_commands"] or []
+    if isinstance(wanted, str):
+        wanted = wanted.split(",")
+    wanted = [str(c).strip() for c in wanted if str(c).strip()]
+    if wanted and command not in wanted and command.split("-")[0] not in wanted:
         return False
     if knobs["fail"]:
         return True
@@ -522,18 +518,20 @@ class Runner:
         self.knobs = self.store.knobs()
         self.gates = {}
         now = time.time()
+        recs = [(key, self.store.load(key)) for key in self.keys]
+        recs = [(key, rec) for key, rec in recs if rec is not None]
+        self.busy = sum(1 for key, rec in recs if key in self.procs or rec["phase"] == "exiting")
+        self.full = False
         alive = False
-        for key in self.keys:
-            rec = self.store.load(key)
-            if rec is None:
-                continue
+        for key, rec in recs:
             phase = rec["phase"]
             if key in self.procs:
                 self.watch(key, rec, now)
                 alive = True
             elif phase == "pending":
                 alive = True
-                self.try_start(key, rec, now)
+                if not self.full:
+                    self.try_start(key, rec, now)
             elif phase == "exiting":
                 alive = True
                 if now >= rec.get("t_exit", now) + float(self.knobs["exiting"]):
@@ -561,14 +559,14 @@ class Runner:
         if not self.gates[hkey] or rec.get("held"):
             return
         throttle = head.get("throttle")
-        if throttle:
-            busy = sum(1 for k in self.keys if k in self.procs or
-                       (self.store.load(k) or {}).get("phase") == "exiting")
-            if busy >= int(throttle):
-                return
+        if throttle and self.busy >= int(throttle):
+            self.full = True
+            return
         slot = acquire_slot(self.store, self.knobs["slots"])
         if slot is None:
+            self.full = True      # no free slot: try again next round
             return
+        self.busy += 1
         self.start(key, head, slot, now)
 
     def start(self, key, head, slot, now):

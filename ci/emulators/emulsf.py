@@ -1141,7 +1141,7 @@ def bhist(store, args):
                 continue
             rows.append((unit, head))
     if not rows:
-        core.err("No matching job found\n")
+        core.err("No matching job found\n" if ids else "No unfinished job found\n")
         return 255 if ids else 0
     lines = []
     if "-l" in flags:

@@ -311,8 +311,11 @@ class PbsTests(EmuCase):
         self.knobs(fail_next=1, fail_code=183)
         proc = self.run_cmd("qsub", stdin="true\n")
         self.assertEqual((proc.returncode, proc.stderr), (183, "qsub: Premature end of message\n"))
-        self.knobs(fail_next=1, fail_code=162)
-        self.assertEqual(self.run_cmd("qdel", "1").returncode, 162)
+        self.knobs(fail_next=1, fail_code=162, fail_commands="qdel")
+        self.assertEqual(self.run_cmd("qstat").returncode, 0, "only qdel fails")
+        proc = self.run_cmd("qdel", "1")
+        self.assertEqual((proc.returncode, proc.stderr), (162, "qdel: Connection refused\n"))
+        self.knobs(fail_commands=None)
         self.knobs(slow=0.3)
         start = time.time()
         self.run_cmd("qstat")
@@ -568,7 +571,7 @@ class FluxTests(EmuCase):
     def test_submit_jobs_and_json(self):
         jid = self.flux("submit", "--job-name=step1", "--output=out.{{id}}.{{name}}", "-n", "2",
                         "sh", "-c", 'echo "rank=$FLUX_TASK_RANK size=$FLUX_JOB_SIZE id=$FLUX_JOB_ID"').strip()
-        bad = self.flux("submit", "--output=bad.out", "sh", "-c", "exit 7").strip()
+        bad = self.flux("submit", "--output=bad.{{id.dec}}", "sh", "-c", "exit 7").strip()
         states = set()
 
         def done():
@@ -582,6 +585,7 @@ class FluxTests(EmuCase):
         self.assertEqual(sorted(out.splitlines()),
                          ["rank=0 size=2 id=%s" % jid, "rank=1 size=2 id=%s" % jid])
         self.wait_inactive(bad)
+        self.assertTrue(os.path.exists(os.path.join(self.work, "bad." + self.flux("job", "id", bad).strip())))
         dec = self.flux("job", "id", jid).strip()
         line = self.flux("jobs", "-a", "-n", "-o", "{id.dec} {state} {result} {returncode}", jid)
         self.assertEqual(line, "%s INACTIVE COMPLETED 0\n" % dec)
