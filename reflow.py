@@ -837,7 +837,7 @@ def _check_by(parser: Callable[[Any], Any]) -> Callable[[Any], Optional[str]]:
 
 
 def _check_journal(value: Any) -> Optional[str]:
-    modes = ("DELETE", "TRUNCATE", "PERSIST", "MEMORY", "WAL", "OFF")
+    modes = ("DELETE", "TRUNCATE", "WAL")  # the store accepts these; the others lose data on a crash
     if isinstance(value, str) and value.upper() in modes:
         return None
     return "must be one of " + ", ".join(modes)
@@ -1204,7 +1204,7 @@ _EXAMPLE_CONFIG = '''\
 # run_dir = "/scratch/me/runs"
 
 [store]
-# sqlite journal mode (default: DELETE on network filesystems, WAL elsewhere).
+# sqlite journal mode: delete (default: a rollback journal, safe on NFS), truncate, or wal (local disks only).
 # REFLOW_SQLITE_JOURNAL
 # journal_mode = "DELETE"
 
@@ -1359,9 +1359,19 @@ def _list_item(tp: Any) -> Tuple[bool, Any]:
     return False, None
 
 
+def _is_class(tp: Any) -> bool:
+    """Tell whether ``tp`` is a plain class (on 3.9 ``list[int]`` passes ``isinstance(tp, type)``)."""
+    return isinstance(tp, type) and typing.get_origin(tp) is None
+
+
+def _is_path_type(tp: Any) -> bool:
+    """Tell whether ``tp`` is ``Path`` or another ``os.PathLike`` class."""
+    return _is_class(tp) and issubclass(tp, os.PathLike)
+
+
 def _type_name(tp: Any) -> str:
     """Name a type the way a user wrote it (``int``, ``list[str]``)."""
-    return tp.__name__ if isinstance(tp, type) and not typing.get_args(tp) else str(tp).replace("typing.", "")
+    return tp.__name__ if _is_class(tp) else str(tp).replace("typing.", "")
 
 
 def _compatible(have: Any, want: Any) -> bool:
@@ -1379,7 +1389,7 @@ def _compatible(have: Any, want: Any) -> bool:
     if have_list or want_list:
         return have_list and want_list and _compatible(have_item, want_item)
     have_cls, want_cls = typing.get_origin(have) or have, typing.get_origin(want) or want
-    if isinstance(have_cls, type) and isinstance(want_cls, type):
+    if _is_class(have_cls) and _is_class(want_cls):
         return issubclass(have_cls, want_cls) or (have_cls is int and want_cls is float)
     return True
 
@@ -2737,6 +2747,8 @@ class SqliteStore(Store):
         if self.path.exists():
             if not self.readonly and not os.access(self.path, os.W_OK):
                 raise self._error("is not writable (open it read-only to read it)")
+            if not self.readonly and not os.access(self.path.parent, os.W_OK):
+                raise self._error("is in a directory that is not writable (sqlite writes its journal there)")
             return
         if self.readonly:
             raise self._error("does not exist")
@@ -3342,7 +3354,8 @@ class SqliteStore(Store):
                 "UPDATE task_instances SET state = ?, output = ?, output_hash = ?, error_text = ?, exit_code = ?, "
                 "reason = ?, job_id = COALESCE(?, job_id), started_at = COALESCE(?, started_at), finished_at = ?, "
                 "updated_at = ? WHERE id = ?", [self._result_values(result, now) for result in accepted])
-            self._batch((result["instance_id"],) for result in accepted)
+            dropped = {i for i, _ in rejected if type(i) is int} - {result["instance_id"] for result in accepted}
+            self._db.executemany("DELETE FROM temp.reflow_batch WHERE id = ?", [(i,) for i in dropped])
             self._batch_log()
         return len(accepted), rejected
 
@@ -3434,11 +3447,11 @@ def verify_cached_output(output: Any, return_type: Any, verify: Optional[Callabl
             log.warning("verify() raised %s; treating the cache hit as a miss", exc)
             return False
     base = _strip_optional(_strip_annotated(return_type)[0])
-    if isinstance(base, type) and issubclass(base, os.PathLike):
+    if _is_path_type(base):
         return output is not None and Path(output).exists()
     is_list, item = _list_item(base)
     item = _strip_optional(item) if is_list else None
-    if is_list and isinstance(item, type) and issubclass(item, os.PathLike):
+    if is_list and _is_path_type(item):
         return isinstance(output, (list, tuple)) and all(Path(p).exists() for p in output)
     return True
 
@@ -3773,7 +3786,7 @@ def _sched_backoff() -> float:
         return 1.0
 
 
-def _current_user() -> str:
+def _login_name() -> str:
     """Return the login name of this process (for "my jobs" queries)."""
     name = os.environ.get("USER") or os.environ.get("LOGNAME")
     if name:
@@ -4075,6 +4088,15 @@ def _binary_path(name: str, config: "Optional[Config]") -> str:
     return str(resolver(name) or name) if resolver is not None else name
 
 
+def _check_base(resources: JobResources, executor: Executor) -> Optional[Tuple[int, int, Optional[int]]]:
+    """Return the array bounds, refusing indices below the scheduler's first index (LSF/SGE: 1)."""
+    bounds = resources.array_bounds()
+    if bounds and bounds[0] < executor.array_base:
+        raise ExecutorError(f"{executor.name}: array {resources.array!r} of job {resources.job_name!r} must "
+                            f"start at {executor.array_base} or above")
+    return bounds
+
+
 def _clock_after(seconds: int) -> _dt.datetime:
     """Return the local wall-clock time ``seconds`` from now, rounded up to a whole second."""
     return (_dt.datetime.now() + _dt.timedelta(seconds=max(0, int(seconds)) + 1)).replace(microsecond=0)
@@ -4341,7 +4363,7 @@ class SlurmExecutor(_BatchExecutor):
 
     def _list_jobs(self) -> List[Tuple[str, str]]:
         """List this user's live jobs: ``squeue -h -u USER -o "%i|%j"`` (``123|wf-task``)."""
-        result = self._run([self.squeue, "-h", "-u", _current_user(), "-o", "%i|%j"])
+        result = self._run([self.squeue, "-h", "-u", _login_name(), "-o", "%i|%j"])
         pairs = [line.strip().split("|", 1) for line in result.stdout.splitlines() if "|" in line]
         return [(job_id, name) for job_id, name in pairs]
 
@@ -4604,7 +4626,7 @@ class PBSExecutor(_BatchExecutor):
         torque = self.torque
         result = self._run([self.qstat, "-f"] if torque else [self.qstat, "-f", "-F", "json"])
         records = self._parse_qstat_text(result.stdout) if torque else self._parse_qstat_json(result.stdout)
-        user = _current_user()
+        user = _login_name()
         return [(job_id, str(attrs.get("Job_Name", ""))) for job_id, attrs in records.items()
                 if str(attrs.get("Job_Owner", "")).split("@")[0] == user
                 and str(attrs.get("job_state", "")) not in ("F", "X", "C")]
@@ -4684,7 +4706,7 @@ class LSFExecutor(_BatchExecutor):
         mem = _mem_mib(resources.mem)
         minutes = -(-parse_time(resources.time_limit) // 60)  # -W takes [H:]MM: round up
         name = resources.job_name or "reflow"
-        bounds = resources.array_bounds()
+        bounds = _check_base(resources, self)
         if bounds:
             name += f"[{bounds[0]}-{bounds[1]}]" + (f"%{bounds[2]}" if bounds[2] else "")
         argv = ["-J", name, "-n", str(int(resources.cpus)), "-R", f"span[hosts=1] rusage[mem={mem}MB]",
@@ -4910,7 +4932,7 @@ class SGEExecutor(_BatchExecutor):
         gpus = int(options.pop("gpus", None) or resources.gpus or 0)
         if gpus:
             argv += ["-l", f"gpu={gpus}"]
-        bounds = resources.array_bounds()
+        bounds = _check_base(resources, self)
         if bounds:
             argv += ["-t", f"{bounds[0]}-{bounds[1]}"] + (["-tc", str(bounds[2])] if bounds[2] else [])
         return argv + self._log_flags(resources, bool(bounds))
@@ -5003,7 +5025,7 @@ class SGEExecutor(_BatchExecutor):
 
     def _qstat_rows(self) -> Dict[str, JobInfo]:
         """Return the live jobs of this user from one ``qstat -xml -u USER``."""
-        result = self._run([self.qstat, "-xml", "-u", _current_user()])
+        result = self._run([self.qstat, "-xml", "-u", _login_name()])
         rows: Dict[str, JobInfo] = {}
         for job in self._parse_qstat_xml(result.stdout):
             info = self._state_info(job["state"])
@@ -5047,7 +5069,7 @@ class SGEExecutor(_BatchExecutor):
     def _qacct_rows(self, masters: Sequence[str]) -> Dict[str, JobInfo]:
         """Return finished jobs from accounting: one ``qacct -j ID`` each, or one bulk call."""
         if len(masters) > self._QACCT_BULK:
-            texts = [self._run([self.qacct, "-o", _current_user(), "-d", "7", "-j"], check=False).stdout]
+            texts = [self._run([self.qacct, "-o", _login_name(), "-d", "7", "-j"], check=False).stdout]
         else:
             texts = [self._run([self.qacct, "-j", master], check=False).stdout for master in masters]
         rows: Dict[str, JobInfo] = {}
@@ -5106,7 +5128,7 @@ class SGEExecutor(_BatchExecutor):
 
     def _list_jobs(self) -> List[Tuple[str, str]]:
         """List this user's live jobs from ``qstat -xml -u USER``."""
-        result = self._run([self.qstat, "-xml", "-u", _current_user()])
+        result = self._run([self.qstat, "-xml", "-u", _login_name()])
         return [(job["number"], job["name"]) for job in self._parse_qstat_xml(result.stdout)]
 
 
@@ -6968,7 +6990,7 @@ def _check_type(param: CliParam, value: Any) -> Any:
     expected = param.type
     if param.choices is not None and value not in param.choices:
         raise ParameterError(f"parameter {param.name!r}: {value!r} is not one of {param.choices}")
-    if value is None or not isinstance(expected, type) or expected is Any:
+    if value is None or not _is_class(expected) or expected is Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -7193,7 +7215,7 @@ def _converter(tp: Any) -> Callable[[str], Any]:
              _dt.date: _dt.date.fromisoformat}
     if tp in table:
         return table[tp]
-    if isinstance(tp, type) and issubclass(tp, os.PathLike):
+    if _is_path_type(tp):
         return Path
     return str
 
@@ -7362,7 +7384,7 @@ def _cli_main(argv: List[str], wf: Optional[Workflow]) -> int:
 
 
 def _open_store(args: argparse.Namespace, wf: Optional[Workflow], readonly: bool = False) -> "Store":
-    """Open the store named by ``--store-path`` or the default one."""
+    """Open the store named by ``--store-path`` or the default one (a missing one is an error)."""
     config = wf.config if wf else load_config()
     if getattr(args, "store_path", None):
         path = Path(args.store_path).expanduser()
@@ -7455,6 +7477,9 @@ def _cmd_retry(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
 
 def _cmd_runs(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
     limit = None if args.all else max(1, args.last)
+    if not args.store_path and not SqliteStore.default_path(wf.config if wf else load_config()).exists():
+        print("[]" if args.json else "No runs found.")
+        return 0
     with _open_store(args, wf, readonly=True) as store:
         name = args.workflow or (wf.name if wf else None)
         runs = store.list_runs(name, args.user, limit=None if limit is None else limit + 1, since=args.since,

@@ -1672,6 +1672,774 @@ class TestManifestCodec(unittest.TestCase):
 
 
 
+#!/usr/bin/env python3
+"""Tests of the Store section of reflow.py (merged into test_reflow.py).
+
+Run from a directory holding reflow.py: ``python test_store.py``.
+"""
+
+import contextlib
+import inspect
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, os.getcwd())
+import reflow
+
+# =============================================================================
+# Store
+# =============================================================================
+
+#: The reference layout (schema version 1) as an older reflow wrote it.
+_REFERENCE_V1_DDL = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, graph_name TEXT, user_id TEXT, created_at TEXT, status TEXT,
+                   parameters TEXT);
+CREATE TABLE task_specs (run_id TEXT, task_name TEXT, is_array INTEGER, config TEXT,
+                         PRIMARY KEY (run_id, task_name));
+CREATE TABLE task_dependencies (run_id TEXT, task_name TEXT, depends_on TEXT,
+                                PRIMARY KEY (run_id, task_name, depends_on));
+CREATE TABLE task_instances (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT, task_name TEXT,
+    array_index INTEGER, state TEXT, job_id TEXT, input TEXT DEFAULT '{}', output TEXT, error_text TEXT,
+    identity TEXT DEFAULT '', input_hash TEXT DEFAULT '', output_hash TEXT DEFAULT '', created_at TEXT,
+    updated_at TEXT);
+CREATE INDEX idx_ti_run_task ON task_instances (run_id, task_name);
+CREATE INDEX idx_ti_cache ON task_instances (task_name, identity, state);
+INSERT INTO runs VALUES ('old-1', 'wf', 'ann', '2024-01-02T03:04:05.000000+00:00', 'SUCCESS', '{"n": 3}');
+INSERT INTO task_specs VALUES ('old-1', 'prep', 0, '{"cpus": 1}');
+INSERT INTO task_specs VALUES ('old-1', 'sq', 1, '{"cpus": 2}');
+INSERT INTO task_dependencies VALUES ('old-1', 'sq', 'prep');
+INSERT INTO task_instances (run_id, task_name, array_index, state, job_id, input, output, identity,
+    input_hash, output_hash, created_at, updated_at)
+    VALUES ('old-1', 'prep', NULL, 'SUCCESS', '11', '{}', '[1, 2]', 'idprep', 'ih', 'oh',
+            '2024-01-02T03:04:05.000000+00:00', '2024-01-02T03:04:06.000000+00:00');
+INSERT INTO task_instances (run_id, task_name, array_index, state, job_id, input, output, identity,
+    input_hash, output_hash, created_at, updated_at)
+    VALUES ('old-1', 'sq', 0, 'FAILED', '12', '{"x": 1}', NULL, 'idsq0', 'ih0', '',
+            '2024-01-02T03:04:05.000000+00:00', '2024-01-02T03:04:07.000000+00:00');
+"""
+
+
+@contextlib.contextmanager
+def _store_env(**values):
+    """Set (None: unset) environment variables for the block."""
+    saved = {key: os.environ.get(key) for key in values}
+    for key, value in values.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+@contextlib.contextmanager
+def _umask(mask):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _snapshot(directory):
+    """Return {name: bytes} of every file in a directory (to prove nothing was touched)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
+
+
+class _StoreTest(unittest.TestCase):
+    """A private temp dir and a fresh store in it; no $HOME, no user config."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="reflow-store-")
+        self.tmp = Path(self._tmp.name)
+        self._env = _store_env(REFLOW_SQLITE_JOURNAL=None, REFLOW_STORE_PATH=None, HOME=str(self.tmp / "home"),
+                               XDG_CACHE_HOME=str(self.tmp / "cache"), XDG_CONFIG_HOME=str(self.tmp / "config"),
+                               REFLOW_CONFIG=None)
+        self._env.__enter__()
+        self.path = self.tmp / "db" / "manifest.db"
+        self.store = reflow.SqliteStore(self.path)
+        self.store.init()
+
+    def tearDown(self):
+        self.store.close()
+        self._env.__exit__(None, None, None)
+        self._tmp.cleanup()
+
+    def make_run(self, run_id="r1", tasks=(("a", False, []), ("b", True, ["a"]))):
+        self.store.insert_run(run_id, "wf", "ann", {"n": 3, "path": Path("/x")})
+        self.store.insert_task_specs(run_id, [
+            {"task_name": name, "is_array": is_array, "config": {"cpus": 1}, "position": pos, "dependencies": deps}
+            for pos, (name, is_array, deps) in enumerate(tasks)])
+        return run_id
+
+    def add_array(self, run_id, task, n, state="PENDING", **extra):
+        rows = [dict({"array_index": i, "state": state, "input": {"x": i}, "identity": f"{task}-{i}",
+                      "input_hash": f"h{i}"}, **extra) for i in range(n)]
+        self.store.insert_task_instances(run_id, task, rows)
+        return [row.id for row in self.store.instance_rows(run_id, task_name=task)]
+
+
+class TestStoreStates(unittest.TestCase):
+    def test_task_state_values_and_sets(self):
+        self.assertEqual([s.value for s in reflow.TaskState],
+                         ["PENDING", "SUBMITTED", "RUNNING", "SUCCESS", "FAILED", "CANCELLED", "RETRYING"])
+        self.assertTrue(all(s.value == s.name and isinstance(s, str) for s in reflow.TaskState))
+        T = reflow.TaskState
+        self.assertEqual(T.terminal(), frozenset({T.SUCCESS, T.FAILED, T.CANCELLED}))
+        self.assertEqual(T.active(), frozenset({T.PENDING, T.SUBMITTED, T.RUNNING, T.RETRYING}))
+        self.assertEqual(T.cancellable(), frozenset({T.PENDING, T.SUBMITTED, T.RUNNING}))
+        self.assertEqual(T.retriable(), frozenset({T.FAILED, T.CANCELLED}))
+        self.assertIsInstance(T.terminal(), frozenset)
+        self.assertIn("SUCCESS", T.terminal())
+
+    def test_run_state(self):
+        self.assertEqual([s.value for s in reflow.RunState], ["RUNNING", "SUCCESS", "FAILED", "CANCELLED"])
+        self.assertEqual(reflow.RunState("FAILED"), "FAILED")
+
+    def test_abc_lists_every_method_with_docs(self):
+        names = {"init", "close", "insert_run", "get_run", "get_run_parameters", "update_run_status", "list_runs",
+                 "insert_task_spec", "list_task_dependencies", "insert_task_instance", "get_task_instance",
+                 "list_task_instances", "count_task_instances", "get_singleton_output", "get_array_outputs",
+                 "get_output_hash", "get_all_output_hashes", "dependency_is_satisfied", "update_task_submitted",
+                 "update_task_running", "update_task_success", "update_task_failed", "fail_pending_tasks",
+                 "update_task_cancelled", "mark_for_retry", "find_cached", "task_state_summary",
+                 "insert_task_instances", "set_task_width", "get_task_specs", "insert_task_specs", "instance_rows",
+                 "mark_submitted", "mark_running", "apply_results", "fail_instances", "cancel_instances",
+                 "retry_instances", "set_dispatch_job", "list_events", "transaction", "find_cached_many",
+                 "delete_instances"}
+        self.assertLessEqual(names, reflow.Store.__abstractmethods__)
+        with self.assertRaises(TypeError):
+            reflow.Store()
+        for name in names:
+            self.assertTrue(inspect.getdoc(getattr(reflow.Store, name)), name)
+            self.assertTrue(inspect.getdoc(getattr(reflow.SqliteStore, name)), name)
+        self.assertFalse(reflow.SqliteStore.__abstractmethods__)
+        sig = inspect.signature(reflow.SqliteStore.insert_task_instance)
+        self.assertEqual(list(sig.parameters), ["self", "run_id", "task", "index", "state", "input", "identity",
+                                                "input_hash"])
+        sig = inspect.signature(reflow.SqliteStore.list_runs)
+        self.assertEqual([p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY],
+                         ["limit", "since", "until", "status"])
+
+
+class TestStoreFiles(_StoreTest):
+    def test_permissions_regardless_of_umask(self):
+        for mask in (0, 0o277):
+            with self.subTest(umask=oct(mask)), _umask(mask):
+                path = self.tmp / f"u{mask}" / "deep" / "er" / "m.db"
+                with reflow.SqliteStore(path) as store:
+                    store.init()
+                    store.insert_run("r", "wf", "u", {})
+                self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+                for directory in (path.parent, path.parent.parent, path.parent.parent.parent):
+                    self.assertEqual(stat.S_IMODE(directory.stat().st_mode), 0o700, directory)
+
+    def test_init_idempotent_and_schema(self):
+        self.store.init()
+        self.store.close()
+        self.store.init()
+        conn = sqlite3.connect(self.path)
+        self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], reflow.SCHEMA_VERSION)
+        self.assertEqual(conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0],
+                         str(reflow.SCHEMA_VERSION))
+        columns = {t: {r[1] for r in conn.execute(f"PRAGMA table_info({t})")}
+                   for t in ("runs", "task_specs", "task_dependencies", "task_instances", "events", "meta")}
+        self.assertLessEqual({"attempt", "reason", "exit_code", "started_at", "finished_at", "cached", "identity",
+                              "input_hash", "output_hash", "error_text"}, columns["task_instances"])
+        self.assertLessEqual({"updated_at", "dispatch_job_id", "parameters"}, columns["runs"])
+        self.assertLessEqual({"position", "width", "config", "is_array"}, columns["task_specs"])
+        self.assertLessEqual({"at", "event", "state", "job_id", "attempt", "exit_code", "reason"}, columns["events"])
+        unique = [r for r in conn.execute("PRAGMA index_list(task_instances)") if r[2]]
+        self.assertTrue(any("IFNULL" in conn.execute("SELECT sql FROM sqlite_master WHERE name = ?",
+                                                     (r[1],)).fetchone()[0] for r in unique if r[3] == "c"))
+        conn.close()
+
+    def test_context_manager_and_for_run_dir(self):
+        with reflow.SqliteStore.for_run_dir(self.tmp / "rd") as store:
+            self.assertEqual(store.path, self.tmp / "rd" / "manifest.db")
+            store.insert_run("r", "wf", "u", {})
+        self.assertIsNone(store._conn)
+        self.assertEqual(store.get_run("r")["graph_name"], "wf")  # reopens on use
+        store.close()
+
+    def test_default_path_order(self):
+        home = self.tmp / "home"
+        with _store_env(XDG_CACHE_HOME=None, REFLOW_STORE_PATH=None):
+            self.assertEqual(reflow.SqliteStore.default_path(reflow.Config()),
+                             home / ".cache" / "reflow" / "manifest.db")
+        with _store_env(XDG_CACHE_HOME="relative/ignored", REFLOW_STORE_PATH=None):
+            self.assertEqual(reflow.SqliteStore.default_path(reflow.Config()),
+                             home / ".cache" / "reflow" / "manifest.db")
+        with _store_env(XDG_CACHE_HOME=str(self.tmp / "xdg"), REFLOW_STORE_PATH=None):
+            self.assertEqual(reflow.SqliteStore.default_path(reflow.Config()),
+                             self.tmp / "xdg" / "reflow" / "manifest.db")
+            config = reflow.Config({"defaults": {"store_path": "~/from-config.db"}})
+            self.assertEqual(reflow.SqliteStore.default_path(config), home / "from-config.db")
+            with _store_env(REFLOW_STORE_PATH=str(self.tmp / "env.db")):
+                self.assertEqual(reflow.SqliteStore.default_path(reflow.Config()), self.tmp / "env.db")
+                self.assertEqual(reflow.SqliteStore.default_path(), self.tmp / "env.db")  # load_config()
+                store = reflow.SqliteStore.default(readonly=False)
+                self.assertEqual(store.path, self.tmp / "env.db")
+                store.close()
+
+    def _assert_refused(self, path, pattern, readonly=False):
+        before = _snapshot(path.parent)
+        with self.assertRaises(reflow.StoreError) as caught:
+            reflow.SqliteStore(path, readonly=readonly).init()
+        message = str(caught.exception)
+        self.assertRegex(message, pattern)
+        self.assertIn(str(path), message)
+        self.assertNotIn("\n", message)
+        self.assertEqual(_snapshot(path.parent), before)  # same bytes, no journal left behind
+        return caught.exception
+
+    def test_refuses_newer_schema(self):
+        path = self.tmp / "newer" / "m.db"
+        with reflow.SqliteStore(path) as store:
+            store.insert_run("r", "wf", "u", {})
+        conn = sqlite3.connect(path)
+        conn.execute(f"PRAGMA user_version = {reflow.SCHEMA_VERSION + 1}")
+        conn.close()
+        for readonly in (False, True):
+            self._assert_refused(path, r"schema version 3, newer than this reflow's 2", readonly)
+
+    def test_refuses_foreign_sqlite(self):
+        path = self.tmp / "foreign.db"
+        conn = sqlite3.connect(path)
+        conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO photos (name) VALUES ('cat.jpg')")
+        conn.commit()
+        conn.close()
+        for readonly in (False, True):
+            self._assert_refused(path, r"is not a reflow store \(table runs lacks .*tables: photos\)", readonly)
+
+    def test_refuses_corrupt_files(self):
+        cases = {"text.db": b"hello, I am not a database\n" * 50,
+                 "garbled.db": b"SQLite format 3\x00" + bytes(range(256)) * 20}
+        for name, data in cases.items():
+            with self.subTest(name=name):
+                path = self.tmp / "corrupt" / name
+                path.parent.mkdir(exist_ok=True)
+                path.write_bytes(data)
+                error = self._assert_refused(path, r"not a readable sqlite database|cannot open")
+                self.assertIsInstance(error.__cause__, sqlite3.DatabaseError)
+
+    def test_refuses_directory_and_unwritable_paths(self):
+        (self.tmp / "adir").mkdir()
+        with self.assertRaisesRegex(reflow.StoreError, r"adir: is a directory"):
+            reflow.SqliteStore(self.tmp / "adir").init()
+        (self.tmp / "afile").write_text("x")
+        with self.assertRaisesRegex(reflow.StoreError, r"afile/m.db: cannot create"):
+            reflow.SqliteStore(self.tmp / "afile" / "m.db").init()
+        if os.geteuid() != 0:
+            locked = self.tmp / "locked"
+            locked.mkdir(mode=0o500)
+            with self.assertRaisesRegex(reflow.StoreError, r"locked/m.db: cannot create"):
+                reflow.SqliteStore(locked / "m.db").init()
+
+    def test_journal_modes(self):
+        self.assertEqual(self.store.journal_mode, "delete")
+        with _store_env(REFLOW_SQLITE_JOURNAL="WAL"), reflow.SqliteStore(self.tmp / "w" / "m.db") as store:
+            store.insert_run("r", "wf", "u", {})
+            self.assertEqual(store.journal_mode, "wal")
+        with reflow.SqliteStore(self.tmp / "w" / "m.db") as store:  # no choice: the file keeps its mode
+            self.assertEqual(store.journal_mode, "wal")
+        with reflow.SqliteStore(self.tmp / "w" / "m.db", journal_mode="truncate") as store:
+            self.assertEqual(store.journal_mode, "truncate")
+        config = reflow.Config({"store": {"journal_mode": "WAL"}})
+        with reflow.SqliteStore.default(config) as store:
+            store.init()
+            self.assertEqual(store.journal_mode, "wal")
+        for bad in ("memory", "off", "fast"):
+            with self.subTest(bad=bad), _store_env(REFLOW_SQLITE_JOURNAL=bad), \
+                    self.assertRaisesRegex(reflow.StoreError, f"unsupported journal mode '{bad}'"):
+                reflow.SqliteStore(self.tmp / "j.db")
+
+    def test_migrates_reference_layout(self):
+        for version in (0, 1):
+            with self.subTest(user_version=version):
+                path = self.tmp / f"v{version}" / "m.db"
+                path.parent.mkdir()
+                conn = sqlite3.connect(path)
+                conn.executescript(_REFERENCE_V1_DDL)
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.close()
+                with self.assertRaisesRegex(reflow.StoreError, "has schema version .*read-write once"):
+                    reflow.SqliteStore(path, readonly=True).init()
+                with reflow.SqliteStore(path) as store:
+                    run = store.get_run("old-1")
+                    self.assertEqual(run["parameters"], {"n": 3})
+                    self.assertEqual(run["updated_at"], run["created_at"])
+                    self.assertEqual(run["dispatch_job_id"], "")
+                    inst = store.get_task_instance("old-1", "prep", None)
+                    self.assertEqual((inst["attempt"], inst["reason"], inst["cached"], inst["output"]),
+                                     (0, "", False, [1, 2]))
+                    self.assertEqual(store.find_cached("prep", "idprep")["id"], inst["id"])
+                    self.assertEqual(store.list_task_dependencies("old-1"), {"prep": [], "sq": ["prep"]})
+                    self.assertEqual([s["width"] for s in store.get_task_specs("old-1")], [None, None])
+                    failed = store.get_task_instance("old-1", "sq", 0)
+                    self.assertEqual(store.retry_instances([failed["id"]]), 1)
+                    self.assertEqual([e["event"] for e in store.list_events("old-1")], ["retrying"])
+                    with self.assertRaisesRegex(reflow.StoreError, "UNIQUE"):
+                        store.insert_task_instance("old-1", "sq", 0, "PENDING", {})
+                conn = sqlite3.connect(path)
+                self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], reflow.SCHEMA_VERSION)
+                conn.close()
+                with reflow.SqliteStore(path, readonly=True) as store:
+                    self.assertEqual(store.get_run("old-1")["status"], "SUCCESS")
+
+    def test_failed_migration_leaves_file_unchanged(self):
+        path = self.tmp / "dup" / "m.db"
+        path.parent.mkdir()
+        conn = sqlite3.connect(path)
+        conn.executescript(_REFERENCE_V1_DDL)
+        conn.execute("INSERT INTO task_instances (run_id, task_name, array_index, state, created_at, updated_at) "
+                     "VALUES ('old-1', 'sq', 0, 'PENDING', 'x', 'x')")
+        conn.commit()
+        conn.close()
+        self._assert_refused(path, r"cannot upgrade: duplicate task instances")
+
+    def test_readonly(self):
+        run_id = self.make_run()
+        ids = self.add_array(run_id, "b", 3)
+        self.store.close()
+        before = _snapshot(self.path.parent)
+        weird = self.tmp / "we ird?#%25" / "m.db"
+        with reflow.SqliteStore(weird) as store:
+            store.insert_run("w", "wf", "u", {})
+        for path in (self.path, weird):
+            with reflow.SqliteStore(path, readonly=True) as store:
+                self.assertTrue(store.readonly)
+                self.assertIsNotNone(store.get_run(run_id if path == self.path else "w"))
+        ro = reflow.SqliteStore(self.path, readonly=True)
+        self.assertEqual(ro.count_task_instances(run_id), 3)
+        self.assertEqual(ro.get_run_parameters(run_id)["path"], Path("/x"))
+        writes = [lambda: ro.insert_run("x", "wf", "u", {}), lambda: ro.update_run_status(run_id, "FAILED"),
+                  lambda: ro.cancel_instances(ids), lambda: ro.mark_submitted([(ids[0], "1")]),
+                  lambda: ro.insert_task_instances(run_id, "a", []), lambda: ro.set_task_width(run_id, "b", 3),
+                  lambda: ro.apply_results([]), lambda: ro.mark_for_retry(ids[0]),
+                  lambda: ro.transaction().__enter__()]
+        for write in writes:
+            with self.assertRaisesRegex(reflow.StoreError, "read-only"):
+                write()
+        ro.close()
+        self.assertEqual(_snapshot(self.path.parent), before)
+        missing = self.tmp / "nope" / "m.db"
+        with self.assertRaisesRegex(reflow.StoreError, "does not exist"):
+            reflow.SqliteStore(missing, readonly=True).init()
+        self.assertFalse(missing.parent.exists())
+
+    def test_readonly_sees_wal_writer(self):
+        path = self.tmp / "wal" / "m.db"
+        writer = reflow.SqliteStore(path, journal_mode="wal")
+        writer.insert_run("r", "wf", "u", {})
+        with writer.transaction():
+            writer.update_run_status("r", "FAILED")
+            with reflow.SqliteStore(path, readonly=True) as reader:
+                self.assertEqual(reader.get_run("r")["status"], "RUNNING")  # not committed yet
+        with reflow.SqliteStore(path, readonly=True) as reader:
+            self.assertEqual(reader.get_run("r")["status"], "FAILED")
+        writer.close()
+        with reflow.SqliteStore(path, readonly=True) as reader:  # last writer gone: -wal/-shm removed
+            self.assertEqual(reader.get_run("r")["status"], "FAILED")
+
+
+class TestStoreRuns(_StoreTest):
+    def test_run_round_trip(self):
+        self.make_run()
+        run = self.store.get_run("r1")
+        self.assertEqual({k: run[k] for k in ("run_id", "graph_name", "user_id", "status", "dispatch_job_id")},
+                         {"run_id": "r1", "graph_name": "wf", "user_id": "ann", "status": "RUNNING",
+                          "dispatch_job_id": ""})
+        self.assertEqual(run["parameters"], {"n": 3, "path": Path("/x")})
+        self.assertRegex(run["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00$")
+        self.assertIsNone(self.store.get_run("nope"))
+        with self.assertRaises(KeyError) as caught:
+            self.store.get_run_parameters("nope")
+        self.assertIsInstance(caught.exception, reflow.RunNotFoundError)
+        self.assertIn("nope", str(caught.exception))
+        with self.assertRaisesRegex(reflow.StoreError, "UNIQUE"):
+            self.store.insert_run("r1", "wf", "ann", {})
+
+    def test_status_and_dispatch_job(self):
+        self.make_run()
+        self.store.update_run_status("r1", reflow.RunState.FAILED)
+        self.store.update_run_status("r1", "CANCELLED")
+        self.store.set_dispatch_job("r1", "4242")
+        run = self.store.get_run("r1")
+        self.assertEqual((run["status"], run["dispatch_job_id"]), ("CANCELLED", "4242"))
+        self.assertGreaterEqual(run["updated_at"], run["created_at"])
+        with self.assertRaisesRegex(reflow.StoreError, "unknown RunState 'DONE'"):
+            self.store.update_run_status("r1", "DONE")
+        with self.assertRaises(reflow.RunNotFoundError):
+            self.store.update_run_status("ghost", "FAILED")
+        events = [(e["event"], e["state"], e["job_id"]) for e in self.store.list_events("r1")]
+        self.assertEqual(events, [("run_created", "RUNNING", ""), ("run_failed", "FAILED", ""),
+                                  ("run_cancelled", "CANCELLED", ""), ("dispatch_job", "CANCELLED", "4242")])
+
+    def test_list_runs_filters(self):
+        for i, (graph, user) in enumerate([("wf", "ann"), ("wf", "bob"), ("other", "ann")]):
+            self.store.insert_run(f"r{i}", graph, user, {})
+        conn = sqlite3.connect(self.path)
+        for i, day in enumerate(("2024-01-01", "2024-02-01", "2024-03-01")):
+            conn.execute("UPDATE runs SET created_at = ? WHERE run_id = ?", (f"{day}T10:00:00.000000+00:00", f"r{i}"))
+        conn.commit()
+        conn.close()
+        self.store.update_run_status("r1", "FAILED")
+        ids = lambda *a, **k: [r["run_id"] for r in self.store.list_runs(*a, **k)]  # noqa: E731
+        self.assertEqual(ids(), ["r2", "r1", "r0"])
+        self.assertEqual(ids("wf"), ["r1", "r0"])
+        self.assertEqual(ids(None, "ann"), ["r2", "r0"])
+        self.assertEqual(ids(limit=1), ["r2"])
+        self.assertEqual(ids(since="2024-02-01"), ["r2", "r1"])
+        self.assertEqual(ids(until="2024-02-01"), ["r1", "r0"])  # a bare date includes that day
+        self.assertEqual(ids(until="2024-02-01T09:00"), ["r0"])
+        self.assertEqual(ids(since="2024-01-15T00:00:00+00:00", until="2024-02-15"), ["r1"])
+        self.assertEqual(ids(status="FAILED"), ["r1"])
+        self.assertEqual(ids(status=[reflow.RunState.RUNNING]), ["r2", "r0"])
+        with self.assertRaisesRegex(reflow.StoreError, "since 'last week' is not an ISO date"):
+            ids(since="last week")
+
+
+class TestStoreSpecs(_StoreTest):
+    def test_specs_and_dependencies(self):
+        self.make_run(tasks=(("a", False, []), ("b", True, ["a"]), ("c", False, ["b", "a"])))
+        self.store.insert_task_spec("r1", "d", False, {"mem": "1G"}, ["c"])
+        specs = self.store.get_task_specs("r1")
+        self.assertEqual([(s["task_name"], s["position"], s["is_array"], s["width"]) for s in specs],
+                         [("a", 0, False, None), ("b", 1, True, None), ("c", 2, False, None), ("d", 3, False, None)])
+        self.assertEqual(specs[3]["config"], {"mem": "1G"})
+        self.assertEqual(specs[2]["dependencies"], ["a", "b"])
+        self.assertEqual(self.store.list_task_dependencies("r1"), {"a": [], "b": ["a"], "c": ["a", "b"], "d": ["c"]})
+        self.store.set_task_width("r1", "b", 0)
+        self.assertEqual(self.store.get_task_specs("r1")[1]["width"], 0)
+        with self.assertRaisesRegex(reflow.StoreError, "run 'r1' has no task 'zz'"):
+            self.store.set_task_width("r1", "zz", 1)
+        with self.assertRaisesRegex(reflow.StoreError, "UNIQUE"):
+            self.store.insert_task_spec("r1", "a", False, {}, [])
+
+
+class TestStoreInstances(_StoreTest):
+    def test_single_instance_lifecycle(self):
+        self.make_run()
+        iid = self.store.insert_task_instance("r1", "a", None, reflow.TaskState.PENDING, {"p": Path("/in")},
+                                              identity="ida", input_hash="iha")
+        inst = self.store.get_task_instance("r1", "a", None)
+        self.assertEqual(set(inst), {"id", "run_id", "task_name", "array_index", "state", "job_id", "input",
+                                     "output", "error_text", "identity", "input_hash", "output_hash", "created_at",
+                                     "updated_at", "attempt", "reason", "exit_code", "started_at", "finished_at",
+                                     "cached"})
+        self.assertEqual((inst["id"], inst["input"], inst["state"], inst["identity"]),
+                         (iid, {"p": Path("/in")}, "PENDING", "ida"))
+        self.assertEqual(self.store.update_task_submitted("r1", "a", "77"), 1)
+        self.assertEqual(self.store.get_task_instance("r1", "a", None)["job_id"], "77")
+        self.store.update_task_running(iid)
+        self.assertIsNotNone(self.store.get_task_instance("r1", "a", None)["started_at"])
+        self.store.update_task_success(iid, {"out": (1, 2)}, "oh")
+        self.assertEqual(self.store.get_singleton_output("r1", "a"), {"out": (1, 2)})
+        self.assertEqual(self.store.get_output_hash("r1", "a"), "oh")
+        self.store.update_task_failed(iid, "boom")
+        self.assertEqual(self.store.get_task_instance("r1", "a", None)["error_text"], "boom")
+        self.store.mark_for_retry(iid)
+        inst = self.store.get_task_instance("r1", "a", None)
+        self.assertEqual((inst["state"], inst["attempt"], inst["error_text"], inst["output"], inst["output_hash"],
+                          inst["job_id"]), ("RETRYING", 1, None, None, "", None))
+        self.store.update_task_cancelled(iid)
+        self.assertEqual(self.store.get_task_instance("r1", "a", None)["state"], "CANCELLED")
+        self.assertIsNone(self.store.get_task_instance("r1", "a", 0))
+        self.assertIsNone(self.store.get_output_hash("r1", "zz"))
+        self.assertIsNone(self.store.get_singleton_output("r1", "zz"))
+        with self.assertRaisesRegex(reflow.StoreError, "unknown TaskState 'DONE'"):
+            self.store.insert_task_instance("r1", "a", 5, "DONE", {})
+        events = [(e["event"], e["attempt"]) for e in self.store.list_events("r1") if e["instance_id"] == iid]
+        self.assertEqual(events, [("created", 0), ("submitted", 0), ("running", 0), ("success", 0), ("failed", 0),
+                                  ("retrying", 1), ("cancelled", 1)])
+
+    def test_array_queries(self):
+        self.make_run()
+        ids = self.add_array("r1", "b", 4)
+        self.assertEqual(self.store.count_task_instances("r1"), 4)
+        self.assertEqual(self.store.count_task_instances("r1", "b", ["PENDING"]), 4)
+        self.assertEqual(self.store.count_task_instances("r1", "b", []), 0)
+        self.assertEqual(self.store.update_task_submitted("r1", "b", "9", indices=[1, 2]), 2)
+        self.assertEqual(self.store.fail_pending_tasks("r1", "b", "rejected", indices=[0]), 1)
+        self.assertEqual(self.store.fail_pending_tasks("r1", "b", "rejected"), 1)  # only index 3 was left
+        self.assertEqual(self.store.task_state_summary("r1"), {"b": {"SUBMITTED": 2, "FAILED": 2}})
+        rows = self.store.instance_rows("r1", states=["SUBMITTED"])
+        self.assertEqual([(r.id, r.task_name, r.array_index, r.state, r.job_id, r.attempt) for r in rows],
+                         [(ids[1], "b", 1, "SUBMITTED", "9", 0), (ids[2], "b", 2, "SUBMITTED", "9", 0)])
+        self.assertEqual(rows[0][4], "9")  # plain tuple access works too
+        listed = self.store.list_task_instances("r1", "b", states=[reflow.TaskState.FAILED])
+        self.assertEqual([(i["array_index"], i["error_text"]) for i in listed], [(0, "rejected"), (3, "rejected")])
+        self.assertEqual(len(self.store.list_task_instances("r1")), 4)
+
+    def test_outputs_in_index_order_and_satisfaction(self):
+        self.make_run()
+        self.assertFalse(self.store.dependency_is_satisfied("r1", "b"))  # no instances yet
+        rows = [{"array_index": i, "state": "SUCCESS", "input": {}, "identity": f"i{i}", "input_hash": "",
+                 "output": i * 10, "output_hash": f"o{i}", "cached": True} for i in (2, 0, 1)]
+        self.store.insert_task_instances("r1", "b", rows)
+        self.assertEqual(self.store.get_array_outputs("r1", "b"), [0, 10, 20])
+        self.assertEqual(self.store.get_all_output_hashes("r1", "b"), ["o0", "o1", "o2"])
+        self.assertTrue(self.store.dependency_is_satisfied("r1", "b"))
+        self.assertTrue(all(i["cached"] for i in self.store.list_task_instances("r1", "b")))
+        self.assertEqual({e["event"] for e in self.store.list_events("r1") if e["task_name"] == "b"}, {"cached"})
+        self.store.insert_task_instance("r1", "a", None, "FAILED", {})
+        self.assertFalse(self.store.dependency_is_satisfied("r1", "a"))
+        self.store.insert_run("r2", "wf", "u", {})
+        self.store.insert_task_spec("r2", "b", True, {}, [])
+        self.store.set_task_width("r2", "b", 0)
+        self.assertTrue(self.store.dependency_is_satisfied("r2", "b"))  # empty fan-out
+
+    def test_find_cached(self):
+        self.make_run()
+        self.make_run("r2")
+        old = self.store.insert_task_instance("r1", "a", None, "PENDING", {}, identity="same")
+        self.assertIsNone(self.store.find_cached("a", "same"))  # not SUCCESS yet
+        self.store.update_task_success(old, "old")
+        new = self.store.insert_task_instance("r2", "a", None, "PENDING", {}, identity="same")
+        self.store.update_task_success(new, "new", "hn")
+        hit = self.store.find_cached("a", "same")
+        self.assertEqual((hit["id"], hit["run_id"], hit["output"], hit["output_hash"]), (new, "r2", "new", "hn"))
+        self.assertIsNone(self.store.find_cached("b", "same"))
+        self.assertIsNone(self.store.find_cached("a", "other"))
+        self.store.insert_task_instance("r1", "b", 0, "SUCCESS", {})  # identity "": never a cache key
+        self.assertIsNone(self.store.find_cached("b", ""))
+        ids = self.add_array("r2", "b", 2000, state="SUCCESS")
+        hits = self.store.find_cached_many("b", [f"b-{i}" for i in range(0, 2100, 3)] + [""])
+        self.assertEqual(sorted(hits), sorted(f"b-{i}" for i in range(0, 2000, 3)))
+        self.assertEqual(hits["b-3"]["id"], ids[3])
+
+    def test_duplicate_instances_rejected(self):
+        self.make_run()
+        self.store.insert_task_instance("r1", "a", None, "PENDING", {})
+        with self.assertRaisesRegex(reflow.StoreError, "UNIQUE constraint failed"):
+            self.store.insert_task_instance("r1", "a", None, "PENDING", {})
+        self.add_array("r1", "b", 3)
+        with self.assertRaisesRegex(reflow.StoreError, "UNIQUE"):
+            self.add_array("r1", "b", 5)
+        self.assertEqual(self.store.count_task_instances("r1", "b"), 3)  # the whole batch rolled back
+
+    def test_guarded_bulk_transitions(self):
+        self.make_run()
+        ids = self.add_array("r1", "b", 6)
+        self.assertEqual(self.store.mark_submitted([(ids[0], "j0"), (ids[1], "j1"), (ids[2], "j2")]), 3)
+        self.assertEqual(self.store.mark_submitted([(ids[0], "again")]), 0)  # already SUBMITTED
+        self.assertEqual(self.store.mark_running([(ids[0], 0, "2024-01-01T00:00:00+00:00"), (ids[1], 5, None),
+                                                  (ids[3], 0, None)]), 1)  # wrong attempt, not submitted
+        first = self.store.get_task_instance("r1", "b", 0)
+        self.assertEqual((first["state"], first["job_id"], first["started_at"]),
+                         ("RUNNING", "j0", "2024-01-01T00:00:00+00:00"))
+        self.assertEqual(self.store.cancel_instances([ids[0], ids[3], ids[3]]), 2)
+        self.assertEqual(self.store.fail_instances([ids[0], ids[1], ids[4]], "lost", "OUT_OF_MEMORY"), 2)
+        failed = self.store.get_task_instance("r1", "b", 1)
+        self.assertEqual((failed["state"], failed["error_text"], failed["reason"]), ("FAILED", "lost", "OUT_OF_MEMORY"))
+        self.assertEqual(self.store.retry_instances(ids), 4)  # 0 and 3 cancelled, 1 and 4 failed
+        retried = self.store.get_task_instance("r1", "b", 1)
+        self.assertEqual((retried["state"], retried["attempt"], retried["error_text"], retried["reason"],
+                          retried["job_id"]), ("RETRYING", 1, None, "", None))
+        self.assertEqual(self.store.retry_instances(ids), 0)
+        self.assertEqual(self.store.mark_submitted([(ids[1], "j9")]), 1)  # RETRYING -> SUBMITTED
+        self.assertEqual(self.store.delete_instances([ids[5], 999999]), 1)
+        self.assertEqual(self.store.count_task_instances("r1", "b"), 5)
+        self.assertEqual([e["event"] for e in self.store.list_events("r1") if e["instance_id"] == ids[5]],
+                         ["created", "deleted"])
+        for call in (self.store.mark_submitted, self.store.mark_running, self.store.cancel_instances,
+                     self.store.fail_instances, self.store.retry_instances, self.store.delete_instances):
+            args = ([], "x") if call == self.store.fail_instances else ([],)
+            self.assertEqual(call(*args), 0)
+
+    def test_apply_results_rejects_stale(self):
+        self.make_run()
+        ids = self.add_array("r1", "b", 5)
+        self.store.mark_submitted([(i, "j") for i in ids])
+        self.store.cancel_instances([ids[1]])
+        self.store.fail_instances([ids[2]], "lost")
+        self.store.retry_instances([ids[2]])
+        self.store.mark_submitted([(ids[2], "j2")])
+        ok = {"state": "SUCCESS", "output": {"v": Path("/o")}, "output_hash": "h", "error_text": "",
+              "exit_code": 0, "started_at": "2024-01-01T00:00:00+00:00", "finished_at": "2024-01-01T00:01:00+00:00",
+              "job_id": "j_0"}
+        results = [dict(ok, instance_id=ids[0], attempt=0),
+                   dict(ok, instance_id=ids[1], attempt=0),                     # cancelled meanwhile
+                   dict(ok, instance_id=ids[2], attempt=0),                     # from before the retry
+                   dict(ok, instance_id=ids[3], attempt=0, state="FAILED", output=None, error_text="Traceback",
+                        exit_code=3),
+                   dict(ok, instance_id=ids[0], attempt=0),                     # duplicate in the batch
+                   dict(ok, instance_id=424242, attempt=0),
+                   dict(ok, instance_id=ids[4], attempt=0, state="WEIRD"),
+                   dict(ok, instance_id=ids[4], attempt="0")]
+        applied, rejected = self.store.apply_results(results)
+        self.assertEqual(applied, 2)
+        self.assertEqual([(i, why.split(" ")[0]) for i, why in rejected],
+                         [(ids[1], "instance"), (ids[2], "stale"), (ids[0], "instance"), (424242, "no"),
+                          (ids[4], "result"), (ids[4], "result")])
+        self.assertIn("CANCELLED", rejected[0][1])
+        self.assertEqual(rejected[1][1], "stale attempt 0 (instance is on attempt 1)")
+        done = self.store.get_task_instance("r1", "b", 0)
+        self.assertEqual((done["state"], done["output"], done["output_hash"], done["job_id"], done["finished_at"]),
+                         ("SUCCESS", {"v": Path("/o")}, "h", "j_0", "2024-01-01T00:01:00+00:00"))
+        bad = self.store.get_task_instance("r1", "b", 3)
+        self.assertEqual((bad["state"], bad["error_text"], bad["exit_code"], bad["reason"], bad["output"]),
+                         ("FAILED", "Traceback", 3, "exit 3", None))
+        self.assertEqual(self.store.get_task_instance("r1", "b", 1)["state"], "CANCELLED")
+        self.assertEqual(self.store.get_task_instance("r1", "b", 2)["state"], "SUBMITTED")
+        self.assertEqual(self.store.apply_results([]), (0, []))
+
+
+class TestStoreTransactions(_StoreTest):
+    def test_rollback_on_error(self):
+        self.make_run()
+        with self.assertRaisesRegex(RuntimeError, "boom"), self.store.transaction():
+            self.add_array("r1", "b", 3)
+            self.store.update_run_status("r1", "FAILED")
+            raise RuntimeError("boom")
+        self.assertEqual(self.store.count_task_instances("r1"), 0)
+        self.assertEqual(self.store.get_run("r1")["status"], "RUNNING")
+        self.assertEqual([e["event"] for e in self.store.list_events("r1")], ["run_created"])
+
+    def test_nested_block_rolls_back_alone(self):
+        self.make_run()
+        with self.store.transaction():
+            self.add_array("r1", "b", 2)
+            with self.assertRaises(reflow.StoreError), self.store.transaction():
+                self.store.update_run_status("r1", "FAILED")
+                self.store.insert_task_instance("r1", "b", 0, "PENDING", {})  # duplicate
+            self.store.set_dispatch_job("r1", "5")
+        run = self.store.get_run("r1")
+        self.assertEqual((run["status"], run["dispatch_job_id"]), ("RUNNING", "5"))
+        self.assertEqual(self.store.count_task_instances("r1"), 2)
+
+    def test_writes_join_one_transaction(self):
+        self.make_run()
+        other = reflow.SqliteStore(self.path, readonly=True)
+        with self.store.transaction():
+            ids = self.add_array("r1", "b", 3)
+            self.store.mark_submitted([(i, "1") for i in ids])
+            self.assertEqual(self.store.count_task_instances("r1", states=["SUBMITTED"]), 3)  # own writes seen
+            self.assertEqual(other.count_task_instances("r1"), 0)  # nothing committed yet
+        self.assertEqual(other.count_task_instances("r1", states=["SUBMITTED"]), 3)
+        other.close()
+
+    def test_busy_database_is_retried(self):
+        self.make_run()
+        holder = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN EXCLUSIVE")
+        threading.Timer(0.4, lambda: holder.execute("COMMIT")).start()
+        saved = reflow.SQLITE_BUSY_TIMEOUT_MS
+        reflow.SQLITE_BUSY_TIMEOUT_MS = 20
+        try:
+            store = reflow.SqliteStore(self.path)
+            store.update_run_status("r1", "FAILED")  # busy for 0.4 s, > 20 ms: only the retries get it through
+            self.assertEqual(store.get_run("r1")["status"], "FAILED")
+            store.close()
+            holder.execute("BEGIN EXCLUSIVE")
+            saved_retries, reflow._SQLITE_RETRIES = reflow._SQLITE_RETRIES, 1
+            try:
+                store = reflow.SqliteStore(self.path)
+                with self.assertRaisesRegex(reflow.StoreError, r"manifest.db: .*database is locked"):
+                    store.update_run_status("r1", "SUCCESS")
+                store.close()
+            finally:
+                reflow._SQLITE_RETRIES = saved_retries
+                holder.execute("COMMIT")
+        finally:
+            reflow.SQLITE_BUSY_TIMEOUT_MS = saved
+            holder.close()
+
+    _HAMMER = textwrap.dedent("""
+        import sys, reflow
+        path, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        store = reflow.SqliteStore(path)
+        for i in range(n):
+            iid = store.insert_task_instance("r1", who, i, "PENDING", {"i": i})
+            with store.transaction():
+                store.mark_submitted([(iid, str(i))])
+                store.mark_running([(iid, 0, None)])
+            store.apply_results([{"instance_id": iid, "attempt": 0, "state": "SUCCESS", "output": i,
+                                  "output_hash": "h"}])
+            store.set_dispatch_job("r1", who + str(i))
+        store.close()
+    """)
+    _READER = textwrap.dedent("""
+        import sys, time, reflow
+        store = reflow.SqliteStore(sys.argv[1], readonly=True)
+        deadline = time.time() + float(sys.argv[2])
+        while time.time() < deadline:
+            store.task_state_summary("r1"); store.list_events("r1", 0); store.instance_rows("r1")
+        store.close()
+    """)
+
+    def test_concurrent_writers(self):
+        for journal in ("delete", "wal"):
+            with self.subTest(journal=journal):
+                path = self.tmp / journal / "m.db"
+                with reflow.SqliteStore(path, journal_mode=journal) as store:
+                    store.insert_run("r1", "wf", "u", {})
+                env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(reflow.__file__)))
+                n = 150
+                procs = [subprocess.Popen([sys.executable, "-c", self._HAMMER, str(path), f"w{k}", str(n)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k in range(2)]
+                procs.append(subprocess.Popen([sys.executable, "-c", self._READER, str(path), "3"], env=env,
+                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+                for proc in procs:
+                    _, err = proc.communicate(timeout=300)
+                    self.assertEqual(proc.returncode, 0, err.decode())
+                    self.assertNotIn(b"locked", err)
+                with reflow.SqliteStore(path, readonly=True) as store:
+                    self.assertEqual(store.task_state_summary("r1"), {"w0": {"SUCCESS": n}, "w1": {"SUCCESS": n}})
+                    self.assertEqual(len(store.list_events("r1")), 1 + 2 * n * 5)
+
+
+class TestStoreBulkSpeed(_StoreTest):
+    """100,000 array elements: every bulk call is one statement or one executemany, well under 2 s."""
+
+    N = 100_000
+    LIMIT = 2.0  # CPU seconds per call: immune to a busy machine, not to a much slower one
+
+    def timed(self, call, *args):
+        start = time.process_time()
+        result = call(*args)
+        self.figures[call.__name__] = time.process_time() - start
+        return result
+
+    def test_100k_elements(self):
+        self.figures = {}
+        self.make_run()
+        rows = [{"array_index": i, "state": "PENDING", "input": {"x": i, "name": f"f{i}.txt"},
+                 "identity": f"id{i:012d}", "input_hash": f"h{i}"} for i in range(self.N)]
+        self.timed(self.store.insert_task_instances, "r1", "b", rows)
+        ids = [row.id for row in self.timed(self.store.instance_rows, "r1")]
+        self.assertEqual(len(ids), self.N)
+        self.assertEqual(self.timed(self.store.mark_submitted, [(i, "77") for i in ids]), self.N)
+        self.assertEqual(self.timed(self.store.mark_running, [(i, 0, None) for i in ids]), self.N)
+        results = [{"instance_id": i, "attempt": 0, "state": "SUCCESS", "output": {"y": i}, "output_hash": "o"}
+                   for i in ids]
+        self.assertEqual(self.timed(self.store.apply_results, results), (self.N, []))
+        self.assertEqual(len(self.timed(self.store.find_cached_many, "b", [r["identity"] for r in rows])), self.N)
+        self.assertEqual(len(self.timed(self.store.get_array_outputs, "r1", "b")), self.N)
+        self.assertEqual(len(self.timed(self.store.list_task_instances, "r1")), self.N)
+        self.make_run("r2")
+        self.store.insert_task_instances("r2", "b", rows)
+        ids = [row.id for row in self.store.instance_rows("r2")]
+        self.assertEqual(self.timed(self.store.cancel_instances, ids), self.N)
+        self.assertEqual(self.timed(self.store.retry_instances, ids), self.N)
+        self.assertEqual(self.timed(self.store.fail_instances, ids, "lost"), self.N)
+        self.assertEqual(self.timed(self.store.delete_instances, ids), self.N)
+        slow = {name: round(sec, 2) for name, sec in self.figures.items() if sec > self.LIMIT}
+        self.assertFalse(slow, f"bulk calls over {self.LIMIT} s CPU for {self.N} elements: {slow}")
+
+
+
 def main() -> int:
     """Run every test (or those named on the command line) and print one closing line."""
     program = unittest.main(exit=False, verbosity=int(os.environ.get("VERBOSE", "1")))
