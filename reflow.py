@@ -100,7 +100,7 @@ import types
 import typing
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 if sys.version_info >= (3, 11):
     import tomllib as _tomllib  # novermin
@@ -228,10 +228,8 @@ def _private_dir(path: Union[str, Path]) -> Path:
             break
         probe = probe.parent
     for directory in reversed(missing):
-        try:
+        with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=0o700)
-        except FileExistsError:
-            pass
         os.chmod(directory, 0o700)
     if not path.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
@@ -1286,7 +1284,7 @@ class Result:
         if steps is not None and (isinstance(steps, str) or not steps):
             raise ValueError(f"Result(steps=...) needs a non-empty list of task names, got {steps!r}")
         self._single = step is not None
-        self.steps: List[str] = [step] if step is not None else list(steps)  # type: ignore[list-item]
+        self.steps: List[str] = [step] if step is not None else [str(name) for name in steps or ()]
         self.broadcast = bool(broadcast)
 
     @property
@@ -1760,7 +1758,7 @@ class Flow:
         while node not in path:
             path.append(node)
             node = next(dep for dep in self.tasks[node].dependencies if dep not in done)
-        return path[path.index(node):] + [node]
+        return [*path[path.index(node):], node]
 
     def downstream_of(self, names: Iterable[str]) -> set:
         """Return ``names`` plus every task that depends on them, transitively."""
@@ -2226,6 +2224,9 @@ class Store(abc.ABC):
     decoded.
     """
 
+    #: Where the store lives (a file path, or a URL for other backends).
+    path: Path
+
     def __enter__(self) -> "Store":
         return self
 
@@ -2413,7 +2414,7 @@ class Store(abc.ABC):
         """Set (instance_id, attempt, started_at) RUNNING if still SUBMITTED on that attempt; return n."""
 
     @abc.abstractmethod
-    def apply_results(self, results: Iterable[Mapping[str, Any]]) -> Tuple[int, List[Tuple[int, str]]]:
+    def apply_results(self, results: Iterable[Mapping[str, Any]]) -> Tuple[int, List[Tuple[Any, str]]]:
         """Apply worker results; return (applied, [(instance_id, why_rejected)]).
 
         A result applies only while its instance is SUBMITTED or RUNNING on
@@ -2546,7 +2547,7 @@ def _in_list(values: Sequence[Any]) -> str:
     return "(" + ", ".join("?" * len(values)) + ")"
 
 
-def _state_value(state: Any, kind: type = TaskState) -> str:
+def _state_value(state: Any, kind: "Type[enum.Enum]" = TaskState) -> str:
     """Return a state's string value; raise StoreError for a name that is not one."""
     value = state.value if isinstance(state, enum.Enum) else str(state)
     if value not in kind.__members__:
@@ -2554,7 +2555,7 @@ def _state_value(state: Any, kind: type = TaskState) -> str:
     return value
 
 
-def _state_values(states: Any, kind: type = TaskState) -> List[str]:
+def _state_values(states: Any, kind: "Type[enum.Enum]" = TaskState) -> List[str]:
     """Return a list of state values from one state or an iterable of them."""
     if isinstance(states, (str, enum.Enum)):
         states = [states]
@@ -2892,7 +2893,7 @@ class SqliteStore(Store):
         return str(self._read("PRAGMA journal_mode")[0][0]).lower()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterable[None]:
+    def transaction(self) -> Iterator[None]:
         """Group writes into one ``BEGIN IMMEDIATE ... COMMIT`` (ROLLBACK on error).
 
         Nested use becomes a savepoint: an exception inside rolls back only
@@ -3341,7 +3342,7 @@ class SqliteStore(Store):
                                       "(SELECT b.started_at FROM temp.reflow_batch b WHERE b.id = task_instances.id)",
                                       (now,))
 
-    def apply_results(self, results: Iterable[Mapping[str, Any]]) -> Tuple[int, List[Tuple[int, str]]]:
+    def apply_results(self, results: Iterable[Mapping[str, Any]]) -> Tuple[int, List[Tuple[Any, str]]]:
         """Apply worker results that are still current; return (applied, rejected with reasons)."""
         results = list(results)
         with self.transaction():
@@ -3361,11 +3362,13 @@ class SqliteStore(Store):
 
     @staticmethod
     def _sort_results(results: List[Mapping[str, Any]],
-                      current: Dict[int, List[Any]]) -> Tuple[List[Mapping[str, Any]], List[Tuple[int, str]]]:
+                      current: Dict[int, List[Any]]) -> Tuple[List[Mapping[str, Any]], List[Tuple[Any, str]]]:
         """Split results into those to apply and (instance_id, why) for the stale or malformed."""
-        accepted, rejected = [], []
+        accepted: List[Mapping[str, Any]] = []
+        rejected: List[Tuple[Any, str]] = []
         for result in results:
-            instance_id, state, attempt = result.get("instance_id"), result.get("state"), result.get("attempt")
+            instance_id: Any = result.get("instance_id")
+            state, attempt = result.get("state"), result.get("attempt")
             now_state, now_attempt = current.get(instance_id, (None, None)) if type(instance_id) is int else (
                 None, None)
             if type(attempt) is not int:
@@ -3539,7 +3542,7 @@ def run_cmd(
     delay = backoff
     for attempt in range(retries + 1):
         result = _run_once(argv, timeout, env, cwd, input)
-        if result.returncode == 0 or not check and not transient(result):
+        if result.returncode == 0 or (not check and not transient(result)):
             return result
         if attempt < retries and transient(result):
             log.warning("%s failed (%s); retrying in %.1fs", argv[0], _tail(result.stderr), delay)
@@ -5625,8 +5628,11 @@ class _LocalJobRunner:
         time.sleep(self.job.get("delay") or 0)
         self.state.update(state="RUNNING", started=time.time())
         self._save()
-        first, last, throttle = self.job["array"] or (None, None, None)
-        indices = list(range(first, last + 1)) if first is not None else [None]
+        indices: List[Optional[int]] = [None]
+        throttle = None
+        if self.job["array"]:
+            first, last, throttle = self.job["array"]
+            indices = list(range(first, last + 1))
         self._run_elements(indices, throttle or len(indices))
         codes = [code for code, _ in self.state["elements"].values()]
         failed = any(code != 0 for code in codes)
@@ -6154,8 +6160,8 @@ EXPANSION_FAILED = -1
 
 def _failed_expansion_row(error: Exception) -> Dict[str, Any]:
     """Return the single FAILED row recording why a task could not be expanded."""
-    return {"array_index": EXPANSION_FAILED, "state": TaskState.FAILED.value, "input": {}, "identity": "", "input_hash": "",
-            "error_text": str(error)}
+    return {"array_index": EXPANSION_FAILED, "state": TaskState.FAILED.value, "input": {}, "identity": "",
+            "input_hash": "", "error_text": str(error)}
 
 
 # =============================================================================
@@ -6164,17 +6170,15 @@ def _failed_expansion_row(error: Exception) -> Dict[str, Any]:
 
 
 @contextlib.contextmanager
-def graceful_shutdown() -> Iterable[None]:
+def graceful_shutdown() -> Iterator[None]:
     """Turn SIGTERM and SIGINT into :class:`TaskInterrupted` inside the block."""
     def interrupt(signum: int, frame: Any) -> None:
         raise TaskInterrupted(signum)
 
     previous = {}
     for signum in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
             previous[signum] = signal.signal(signum, interrupt)
-        except ValueError:  # not the main thread: leave the handlers alone
-            pass
     try:
         yield
     finally:
@@ -6267,7 +6271,7 @@ def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Di
 
 
 @contextlib.contextmanager
-def _run_lock(run_dir: Union[str, Path], run_id: str, timeout: float = 300.0) -> Iterable[bool]:
+def _run_lock(run_dir: Union[str, Path], run_id: str, timeout: float = 300.0) -> Iterator[bool]:
     """Hold the run's dispatcher lock (``flock``); yield False if it stayed busy for ``timeout``."""
     lock_dir = _private_dir(Path(run_dir) / ".reflow")
     fd = os.open(lock_dir / f"dispatch-{run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -6315,7 +6319,7 @@ class _Dispatcher:
             ingested = self._ingest(files)
             lost = self._reconcile()
             self._auto_retry()
-        if self.store.get_run(self.run_id)["status"] != RunState.RUNNING.value:
+        if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
             self._delete(files)
             return {"ingested": ingested, "lost": lost, "submitted": 0}
         with self.store.transaction():
@@ -6534,7 +6538,7 @@ class _Dispatcher:
         size = max(1, self.executor.max_array_size)
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
-            positions = self._positions_arg(spec, [index for _, index in chunk])
+            positions = self._positions_arg(spec, [index for _, index in chunk if index is not None])
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name, "--positions",
                                    positions, "--base", str(self.executor.array_base))
             ids = self.executor.submit_array(self._resources(spec, array=True), command, len(chunk),
@@ -6574,7 +6578,7 @@ class _Dispatcher:
 
     def _rearm(self) -> None:
         """Submit the follow-up dispatch job while anything is still active."""
-        if self.store.get_run(self.run_id)["status"] != RunState.RUNNING.value:
+        if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
             return
         active = self.store.count_task_instances(self.run_id, states=sorted(TaskState.active()))
         if not active:
@@ -6593,7 +6597,7 @@ def _satisfied(spec_row: Mapping[str, Any], counts: Mapping[str, int]) -> bool:
     return total > 0 and counts.get("SUCCESS", 0) == total
 
 
-def _final_run_state(specs: List[Mapping[str, Any]], summary: Mapping[str, Mapping[str, int]]) -> Optional[str]:
+def _final_run_state(specs: Sequence[Mapping[str, Any]], summary: Mapping[str, Mapping[str, int]]) -> Optional[str]:
     """Return the run's final state, or None while anything can still happen."""
     active = {state.value for state in TaskState.active()}
     if any(counts.get(state, 0) for counts in summary.values() for state in active):
@@ -6879,7 +6883,9 @@ class Workflow(Flow):
                           verify=verify, **params)
         return run.run_id
 
-    def _create_run(self, run_dir, store, executor, force, force_tasks, params, needs_entrypoint=False):
+    def _create_run(self, run_dir: Optional[Union[str, Path]], store: "Optional[Store]", executor: Any, force: bool,
+                    force_tasks: Optional[Sequence[str]], params: Mapping[str, Any],
+                    needs_entrypoint: bool = False) -> "Tuple[str, Path, Store, Executor]":
         """Validate everything, then create the run directory and the run record."""
         self.validate()
         values = self._check_params(params)
@@ -6888,7 +6894,8 @@ class Workflow(Flow):
         run_dir_path = _resolve_run_dir(run_dir, self.config)
         executor_obj = resolve_executor(executor, self.config)
         entrypoint = self._entrypoint(strict=needs_entrypoint)
-        store = store if store is not None else SqliteStore.default(self.config)
+        if store is None:
+            store = SqliteStore.default(self.config)
         _make_run_dir(run_dir_path)
         store.init()
         if hasattr(executor_obj, "bind_run"):
@@ -7211,7 +7218,7 @@ def _convert_datetime(text: str) -> _dt.datetime:
 
 def _converter(tp: Any) -> Callable[[str], Any]:
     """Return the argparse ``type=`` for a parameter type."""
-    table = {bool: _convert_bool, int: int, float: float, str: str, _dt.datetime: _convert_datetime,
+    table: Dict[Any, Callable[[str], Any]] = {bool: _convert_bool, int: int, float: float, str: str, _dt.datetime: _convert_datetime,
              _dt.date: _dt.date.fromisoformat}
     if tp in table:
         return table[tp]
@@ -7600,7 +7607,7 @@ def render_dag(nodes: Sequence[Tuple[str, bool, Sequence[str]]], fmt: str = "tex
                 [f'style=filled, fillcolor="{colours[states[n]]}"'] if states.get(n) in colours else [])
             lines.append(f'    "{n}" [{", ".join(attrs)}];' if attrs else f'    "{n}";')
         lines += [f'    "{d}" -> "{n}";' for n, _, deps in nodes for d in deps]
-        return "\n".join(lines + ["}"])
+        return "\n".join([*lines, "}"])
     return "\n".join(f"  {n}{' [array]' if array else ''}{'  <- ' + ', '.join(deps) if deps else ''}"
                      f"{'  ' + states[n] if n in states else ''}" for n, array, deps in nodes)
 

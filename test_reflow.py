@@ -14,7 +14,6 @@ import enum
 import importlib
 import importlib.util
 import inspect
-import io
 import json
 import math
 import os
@@ -28,11 +27,12 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import unittest
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, List, Literal, Optional
+from typing import Annotated, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -40,7 +40,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.g
 os.environ.pop("REFLOW_MODE", None)
 
 import reflow  # noqa: E402
-from reflow import Flow, Param, Result, RunDir, Workflow  # noqa: E402
+from reflow import Flow, Param, Result, Workflow  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -810,7 +810,8 @@ class CliTest(TempDirTest):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         run_id = json.loads(proc.stdout)["run_id"]
         with reflow.SqliteStore(self.store_path) as store:
-            self.assertEqual(store.get_singleton_output(run_id, "show"), "2026-01-02T03:04:00|['a', 'b']|slow|True|7|None")
+            self.assertEqual(store.get_singleton_output(run_id, "show"),
+                             "2026-01-02T03:04:00|['a', 'b']|slow|True|7|None")
         proc = run_cli(flow, "run", "--run-dir", self.tmp / "r", "--when", "x", "--paths", "a", "--mode", "medium")
         self.assertEqual(proc.returncode, 2)
 
@@ -819,7 +820,6 @@ try:
     import tomllib  # novermin
 except ImportError:  # Python < 3.11
     tomllib = None
-
 
 @contextlib.contextmanager
 def _clean_env(**values):
@@ -1671,30 +1671,6 @@ class TestManifestCodec(unittest.TestCase):
         self.assertEqual(self.codec.loads(self.codec.dumps(plain)), plain)
 
 
-
-#!/usr/bin/env python3
-"""Tests of the Store section of reflow.py (merged into test_reflow.py).
-
-Run from a directory holding reflow.py: ``python test_store.py``.
-"""
-
-import contextlib
-import inspect
-import os
-import sqlite3
-import stat
-import subprocess
-import sys
-import tempfile
-import textwrap
-import threading
-import time
-import unittest
-from pathlib import Path
-
-sys.path.insert(0, os.getcwd())
-import reflow
-
 # =============================================================================
 # Store
 # =============================================================================
@@ -2437,7 +2413,6 @@ class TestStoreBulkSpeed(_StoreTest):
         self.assertEqual(self.timed(self.store.delete_instances, ids), self.N)
         slow = {name: round(sec, 2) for name, sec in self.figures.items() if sec > self.LIMIT}
         self.assertFalse(slow, f"bulk calls over {self.LIMIT} s CPU for {self.N} elements: {slow}")
-
 
 
 def main() -> int:

@@ -443,14 +443,12 @@ def policy_blocked(knobs, active, adding):
 
 def spawn_runner(store, keys):
     """Fork the detached runner for the given runnable record keys."""
-    log = open(store.sub("runner.log"), "ab")
-    try:
+    # The child gets its own copy of the descriptor, so ours can close at once.
+    with open(store.sub("runner.log"), "ab") as log:
         subprocess.Popen(
-            [sys.executable, CORE, "run", store.sched, store.root] + list(keys),
+            [sys.executable, CORE, "run", store.sched, store.root, *keys],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
             start_new_session=True, cwd=store.root)
-    finally:
-        log.close()
 
 
 def acquire_slot(store, count):

@@ -153,7 +153,7 @@ def id_arg(text):
     try:
         return parse_id(core.fix_arg(text))
     except ValueError:
-        raise argparse.ArgumentTypeError("invalid JobID value: '%s'" % text)
+        raise argparse.ArgumentTypeError("invalid JobID value: '%s'" % text) from None
 
 
 # ===========================================================================
@@ -372,7 +372,7 @@ def parse_begin(text, now):
     try:
         return float(text)
     except ValueError:
-        raise Fail("flux-submit: ERROR: Invalid begin-time '%s'\n" % text)
+        raise Fail("flux-submit: ERROR: Invalid begin-time '%s'\n" % text) from None
 
 
 def parse_deps(store, specs, now, prog):
@@ -391,7 +391,7 @@ def parse_deps(store, specs, now, prog):
         try:
             target = parse_id(value)
         except ValueError:
-            raise Fail('%s: ERROR: %s: "%s" is not a valid jobid\n' % (prog, scheme, value))
+            raise Fail('%s: ERROR: %s: "%s" is not a valid jobid\n' % (prog, scheme, value)) from None
         other = store.load("flux-%d" % target)
         if other is None or not visible(store, other, now):
             raise Fail("%s: ERROR: dependency %s:%s: job not found\n" % (prog, scheme, value))
@@ -406,9 +406,9 @@ def apply_env(base, args):
     for path in args.env_file:
         try:
             with open(path) as fh:
-                rules += [l.strip() for l in fh if l.strip() and not l.startswith("#")]
+                rules += [line.strip() for line in fh if line.strip() and not line.startswith("#")]
         except OSError as exc:
-            raise Fail("flux-submit: ERROR: %s: %s\n" % (path, exc.strerror))
+            raise Fail("flux-submit: ERROR: %s: %s\n" % (path, exc.strerror)) from None
     rules += args.env + ["-" + p for p in args.env_remove]
     for rule in rules:
         if rule.startswith("-"):
@@ -513,7 +513,7 @@ def read_batch(prog, path, argv):
         with open(path, encoding="utf-8", errors="surrogateescape") as fh:
             script = fh.read()
     except OSError as exc:
-        raise Fail("%s: ERROR: %s: %s\n" % (prog, path, exc.strerror))
+        raise Fail("%s: ERROR: %s: %s\n" % (prog, path, exc.strerror)) from None
     if not script.startswith("#!"):
         raise Fail("%s: ERROR: %s: batch script does not start with '#!'\n" % (prog, path))
     words = []
@@ -542,7 +542,7 @@ def make_job(store, args, command, script, index, base, urgency, limit, queue, d
         with open(path, "w", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write(script)
         os.chmod(path, 0o700)
-        argv = [path] + command[1:]
+        argv = [path, *command[1:]]
     out_t = cc_sub(args.output, index) or ("flux-{{id}}.out" if batch else None)
     err_t = cc_sub(args.error, index)
     fid = f58(number, env)
@@ -693,9 +693,9 @@ def render_jobs(recs, fmt, header, now):
         for rec in recs:
             lines.append(JobFormatter().format(fmt, job=JobView(rec, now)).rstrip())
     except KeyError as exc:
-        raise Fail("flux-jobs: ERROR: Unknown format field: %s\n" % exc.args[0])
+        raise Fail("flux-jobs: ERROR: Unknown format field: %s\n" % exc.args[0]) from None
     except ValueError as exc:
-        raise Fail("flux-jobs: ERROR: Invalid format: %s\n" % exc)
+        raise Fail("flux-jobs: ERROR: Invalid format: %s\n" % exc) from None
     return lines
 
 
@@ -728,10 +728,7 @@ FILTERS = {
 def matches(rec, words):
     """Tell whether a job matches a --filter list of states/results."""
     state, result = state_of(rec), result_of(rec)
-    for word in words:
-        if state in FILTERS.get(word, ()) or (result and result.lower() == word):
-            return True
-    return False
+    return any(state in FILTERS.get(word, ()) or (result and result.lower() == word) for word in words)
 
 
 def jobs(store, argv):
@@ -883,16 +880,16 @@ def job_id(store, argv):
     args = parser.parse_args(argv)
     if args.to in ("words", "emoji") or args.src == "words":
         raise Fail("flux-job: ERROR: emulator: '%s' encoding is not emulated\n" % args.to)
-    items = args.ids or [l.strip() for l in sys.stdin.read().split() if l.strip()]
+    items = args.ids or [word.strip() for word in sys.stdin.read().split() if word.strip()]
     lines = []
     for text in items:
         text = core.fix_arg(text)
         try:
             number = parse_id(text)
         except ValueError:
-            raise Fail("flux-job: ERROR: %s: malformed input\n" % text)
+            raise Fail("flux-job: ERROR: %s: malformed input\n" % text) from None
         lines.append(id_forms(number)[args.to])
-    core.out("".join(l + "\n" for l in lines))
+    core.out("".join(line + "\n" for line in lines))
     return 0
 
 

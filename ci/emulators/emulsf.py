@@ -5,6 +5,7 @@ jobs stay visible in bjobs for CLEAN_PERIOD (knob ``history``, default 3600 s),
 bhist knows them forever.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -323,7 +324,7 @@ class DepParser:
         while self.peek() == "||":
             self.take()
             items.append(self.parse_and())
-        return items[0] if len(items) == 1 else ["or"] + items
+        return items[0] if len(items) == 1 else ["or", *items]
 
     def parse_and(self):
         """and := unary ('&&' unary)*"""
@@ -331,7 +332,7 @@ class DepParser:
         while self.peek() == "&&":
             self.take()
             items.append(self.parse_unary())
-        return items[0] if len(items) == 1 else ["and"] + items
+        return items[0] if len(items) == 1 else ["and", *items]
 
     def parse_unary(self):
         """unary := '!' unary | '(' or ')' | term"""
@@ -615,10 +616,8 @@ def stage_out(store, rec, head):
         except OSError:
             pass
     for path in {rec["stdout"], rec["stderr"]}:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(path)
-        except OSError:
-            pass
 
 
 # ===========================================================================
@@ -647,7 +646,7 @@ def bsub(store, args):
     opts = fold(dir_pairs + cmd_pairs)
     now = time.time()
     spec = validate(store, opts, now)
-    units = spec["indices"] and len(spec["indices"]) or 1
+    units = (spec["indices"] and len(spec["indices"])) or 1
     active = sum(1 for r in store.all() if r["kind"] != "array" and r["phase"] != "done")
     if core.policy_blocked(store.knobs(), active, units):
         reject("Pending job threshold reached.")

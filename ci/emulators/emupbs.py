@@ -5,6 +5,7 @@ server name comes from $EMU_PBS_SERVER (default ``pbsserver``).  Exit codes
 of the client commands are the PBS error number & 0xff.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -54,9 +55,10 @@ QSUB_USAGE = """usage: qsub [-a date_time] [-A account_string] [-c interval]
        qsub --version
 """
 QSTAT_OPTS = "fF:xHtJEwu:"
-QSTAT_USAGE = """usage: 
+QSTAT_USAGE = """usage:\x20
 	qstat [-fp] [-J] [-t] [-x] [-E] [-F format] [-D delim] [ job_identifier... | destination... ]
-	qstat [-a|-i|-r|-H|-T] [-J] [-t] [-u user] [-n] [-s] [-G|-M] [-1] [-w] [-x] [-E] [ job_identifier... | destination... ]
+	qstat [-a|-i|-r|-H|-T] [-J] [-t] [-u user] [-n] [-s] [-G|-M] [-1] [-w] [-x] [-E] \
+[ job_identifier... | destination... ]
 	qstat -Q [-f] [-F format] [-D delim] [ destination... ]
 	qstat -q [-G|-M] [ destination... ]
 	qstat -B [-f] [-F format] [-D delim] [ server_name... ]
@@ -162,7 +164,7 @@ def directives(text, prefix):
             try:
                 words += shlex.split(stripped[len(prefix):], comments=False)
             except ValueError:
-                raise Fail("qsub: directive error: %s" % line, 2)
+                raise Fail("qsub: directive error: %s" % line, 2) from None
         elif stripped and not stripped.startswith("#"):
             break
     return words
@@ -210,7 +212,7 @@ def size_kb(text):
 
 def format_kb(kb):
     """Format kilobytes with the largest exact PBS unit."""
-    kb = int(round(kb))
+    kb = round(kb)
     for unit, scale in (("tb", 1024 ** 3), ("gb", 1024 ** 2), ("mb", 1024)):
         if kb and kb % scale == 0:
             return "%d%s" % (kb // scale, unit)
@@ -340,7 +342,7 @@ def parse_a(text, now):
     try:
         when = time.mktime(tm)
     except (OverflowError, ValueError):
-        raise Fail("qsub: illegal -a value", 2)
+        raise Fail("qsub: illegal -a value", 2) from None
     if len(fields) == 2 and when < now:
         when += 86400
     return when
@@ -572,10 +574,8 @@ def stage_out(store, rec, head):
             with open(spool, "rb") as src, open(undelivered, "wb") as dst:
                 dst.write(src.read())
     for spool in {spool_o, spool_e}:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(spool)
-        except OSError:
-            pass
 
 
 # ===========================================================================
@@ -595,7 +595,7 @@ def read_script(rest, dashdash):
             with open(rest[0], encoding="utf-8", errors="surrogateescape") as fh:
                 return fh.read(), os.path.basename(rest[0])
         except OSError as exc:
-            raise Fail("qsub: script file:: %s" % exc.strerror, 2)
+            raise Fail("qsub: script file:: %s" % exc.strerror, 2) from None
     data = sys.stdin.buffer.read() if sys.stdin else b""
     return data.decode("utf-8", "surrogateescape"), "STDIN"
 
@@ -629,9 +629,9 @@ def qsub(store, args):
     pairs = []
     if text is not None:
         try:
-            pairs, extra, _ = parse_opts(directives(text, prefix), QSUB_OPTS, "qsub", QSUB_USAGE)
+            pairs, _, _ = parse_opts(directives(text, prefix), QSUB_OPTS, "qsub", QSUB_USAGE)
         except Fail as exc:
-            raise Fail("qsub: directive error: %s" % exc.message.splitlines()[0], 2)
+            raise Fail("qsub: directive error: %s" % exc.message.splitlines()[0], 2) from None
     opts = fold(pairs + cmd_opts)
     check_simple(opts)
     now = time.time()
@@ -1116,7 +1116,7 @@ def delete_one(store, text, sigs, purge, now):
 
 def qrls(store, args):
     """qrls [-h u] ID...: release a user hold."""
-    pairs, ids, _ = parse_opts(args, "h:", "qrls", QRLS_USAGE, permute=True)
+    _, ids, _ = parse_opts(args, "h:", "qrls", QRLS_USAGE, permute=True)
     if not ids:
         raise Fail(QRLS_USAGE, 2)
     code, now = 0, time.time()

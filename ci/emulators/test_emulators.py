@@ -56,7 +56,7 @@ class EmuCase(unittest.TestCase):
         """Run an emulator command; return CompletedProcess with text output."""
         binary = os.path.join(HERE, self.SCHED, "bin", name)
         full = dict(self.env, **(env or {}))
-        proc = subprocess.run([sys.executable, binary] + list(args), cwd=cwd or self.work,
+        proc = subprocess.run([sys.executable, binary, *args], cwd=cwd or self.work,
                               env=full, input=(stdin or "").encode(), capture_output=True,
                               timeout=60)
         proc.stdout = proc.stdout.decode("utf-8")
