@@ -2427,8 +2427,8 @@ class Store(abc.ABC):
         """Fail the still-active instances among ``ids``; return n."""
 
     @abc.abstractmethod
-    def cancel_instances(self, ids: Iterable[int]) -> int:
-        """Cancel the cancellable instances among ``ids``; return n."""
+    def cancel_instances(self, ids: Iterable[int], reason: str = "") -> int:
+        """Cancel the cancellable instances among ``ids`` (``reason`` says why); return n."""
 
     @abc.abstractmethod
     def retry_instances(self, ids: Iterable[int]) -> int:
@@ -3304,11 +3304,12 @@ class SqliteStore(Store):
                             "state = 'FAILED', error_text = ?, reason = ?, finished_at = ?, updated_at = ?",
                             (text, reason or "", now, now))
 
-    def cancel_instances(self, ids: Iterable[int]) -> int:
-        """Cancel the PENDING/SUBMITTED/RUNNING instances among ``ids``; return n."""
+    def cancel_instances(self, ids: Iterable[int], reason: str = "") -> int:
+        """Cancel the PENDING/SUBMITTED/RUNNING instances among ``ids`` (``reason`` says why); return n."""
         now = _utcnow()
         return self._change(ids, "t.state IN ('PENDING', 'SUBMITTED', 'RUNNING')",
-                            "state = 'CANCELLED', finished_at = ?, updated_at = ?", (now, now))
+                            "state = 'CANCELLED', reason = ?, finished_at = ?, updated_at = ?",
+                            (reason or "CANCELLED", now, now))
 
     def retry_instances(self, ids: Iterable[int]) -> int:
         """Move the FAILED/CANCELLED instances among ``ids`` to RETRYING (attempt + 1); return n."""
@@ -3354,6 +3355,8 @@ class SqliteStore(Store):
             self._db.executemany(
                 "UPDATE task_instances SET state = ?, output = ?, output_hash = ?, error_text = ?, exit_code = ?, "
                 "reason = ?, job_id = COALESCE(?, job_id), started_at = COALESCE(?, started_at), finished_at = ?, "
+                "input = COALESCE(?, input), identity = COALESCE(?, identity), "
+                "input_hash = COALESCE(?, input_hash), cached = COALESCE(?, cached), "
                 "updated_at = ? WHERE id = ?", [self._result_values(result, now) for result in accepted])
             dropped = {i for i, _ in rejected if type(i) is int} - {result["instance_id"] for result in accepted}
             self._db.executemany("DELETE FROM temp.reflow_batch WHERE id = ?", [(i,) for i in dropped])
@@ -3394,10 +3397,14 @@ class SqliteStore(Store):
         ok = result["state"] == "SUCCESS"
         exit_code = result.get("exit_code")
         reason = "" if ok else (result.get("reason") or (f"exit {exit_code}" if exit_code else "ERROR"))
+        resolved = "identity" in result  # a worker resolved deferred inputs itself (forward submission)
         return (result["state"], _json_dumps(result.get("output")) if ok else None,
                 (result.get("output_hash") or "") if ok else "", None if ok else (result.get("error_text") or ""),
                 exit_code, reason, result.get("job_id") or None, result.get("started_at"),
-                result.get("finished_at") or now, now, result["instance_id"])
+                result.get("finished_at") or now,
+                _json_dumps(result.get("input") or {}) if resolved else None, result.get("identity") or None,
+                result.get("input_hash") or None, (1 if result.get("cached") else 0) if resolved else None,
+                now, result["instance_id"])
 
 
 # =============================================================================
@@ -5859,6 +5866,32 @@ def _result_name(task: str, index: Optional[int], attempt: int) -> str:
     return f"{task}__{'singleton' if index is None else index}__{attempt}"
 
 
+def _read_result_file(path: Path) -> Optional[Dict[str, Any]]:
+    """Parse a result or start-marker file; None when it is malformed."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    required = ("instance_id", "attempt") if path.suffix == ".started" else ("instance_id", "attempt", "state")
+    if not isinstance(record, dict) or any(key not in record for key in required):
+        return None
+    if path.suffix == ".json" and record["state"] not in ("SUCCESS", "FAILED"):
+        return None
+    return record
+
+
+_RESULT_NAME_RE = re.compile(r"^(?P<task>.+)__(?P<index>singleton|\d+)__(?P<attempt>\d+)\.(?:json|started)$")
+
+
+def _parse_result_name(name: str) -> Tuple[Optional[str], Optional[int], int]:
+    """Split ``<task>__<index>__<attempt>.json`` into its parts (task None if foreign)."""
+    match = _RESULT_NAME_RE.match(name)
+    if not match:
+        return None, None, 0
+    index = None if match["index"] == "singleton" else int(match["index"])
+    return match["task"], index, int(match["attempt"])
+
+
 def _load_run(store: "Store", run_id: str) -> Dict[str, Any]:
     """Return a run row or raise RunNotFoundError naming the id (and the closest one)."""
     run = store.get_run(run_id)
@@ -6064,14 +6097,91 @@ def _flatten(values: Iterable[Any], source: str) -> List[Any]:
     return out
 
 
+class _StoreOutputs:
+    """Upstream outputs as the store holds them (the dispatcher's view)."""
+
+    def __init__(self, store: "Store", run_id: str) -> None:
+        self.store, self.run_id = store, run_id
+
+    def singleton(self, task: str) -> Any:
+        return self.store.get_singleton_output(self.run_id, task)
+
+    def array(self, task: str) -> List[Any]:
+        return self.store.get_array_outputs(self.run_id, task)
+
+    def hashes(self, task: str) -> List[str]:
+        return self.store.get_all_output_hashes(self.run_id, task)
+
+
+class _ResultFileOutputs(_StoreOutputs):
+    """Upstream outputs for a worker whose inputs were deferred (forward submission).
+
+    Upstream results may not be ingested yet: each instance's output comes
+    from the store when it is SUCCESS there, else from its result file.  The
+    file is read before the store is re-read, because the dispatcher
+    commits an ingested result before it deletes the file.
+    """
+
+    def __init__(self, store: "Store", run_id: str, results: Path) -> None:
+        super().__init__(store, run_id)
+        self.results = results
+        self._cache: Dict[str, List[Tuple[Any, str]]] = {}
+
+    def _outputs(self, task: str) -> List[Tuple[Any, str]]:
+        if task not in self._cache:
+            self._cache[task] = [self._one(inst) for inst in self.store.list_task_instances(self.run_id, task)]
+        return self._cache[task]
+
+    def _one(self, inst: Mapping[str, Any]) -> Tuple[Any, str]:
+        if inst["state"] == TaskState.SUCCESS.value:
+            return inst["output"], inst["output_hash"]
+        path = self.results / f"{_result_name(inst['task_name'], inst['array_index'], inst['attempt'])}.json"
+        record = _read_result_file(path) if path.exists() else None
+        if record is not None and record["state"] == TaskState.SUCCESS.value:
+            return DEFAULT_CODEC.load_value(record.get("output")), record.get("output_hash", "")
+        fresh = self.store.get_task_instance(self.run_id, inst["task_name"], inst["array_index"])
+        if fresh is not None and fresh["state"] == TaskState.SUCCESS.value:
+            return fresh["output"], fresh["output_hash"]
+        where = inst["task_name"] + ("" if inst["array_index"] is None else f"[{inst['array_index']}]")
+        raise _UpstreamFailed(f"upstream {where} did not succeed ({(record or fresh or inst)['state']})")
+
+    def singleton(self, task: str) -> Any:
+        outputs = self._outputs(task)
+        return outputs[0][0] if outputs else None
+
+    def element(self, task: str, index: int) -> Any:
+        """Return one element's output without reading the whole array."""
+        inst = self.store.get_task_instance(self.run_id, task, index)
+        if inst is None:
+            raise _UpstreamFailed(f"upstream {task}[{index}] does not exist")
+        return self._one(inst)[0]
+
+    def array(self, task: str) -> List[Any]:
+        return [output for output, _ in self._outputs(task)]
+
+    def hashes(self, task: str) -> List[str]:
+        return [digest for _, digest in self._outputs(task)]
+
+
+#: Reason of an instance that never ran because its upstream failed.
+UPSTREAM_FAILED = "UPSTREAM_FAILED"
+
+
+class _UpstreamFailed(ReflowError):
+    """A deferred instance's upstream did not succeed, so it must not run."""
+
+
 class _Planner:
     """Work out the instances of a task: inputs, identities, cache hits.
 
-    Shared by the dispatcher and :meth:`Workflow.run_local`.
+    Shared by the dispatcher, :meth:`Workflow.run_local` and workers whose
+    inputs were deferred (they read upstream outputs from result files).
     """
 
-    def __init__(self, wf: "Workflow", store: "Store", run_id: str, params: Mapping[str, Any], verify: bool):
+    def __init__(self, wf: "Workflow", store: "Store", run_id: str, params: Mapping[str, Any], verify: bool,
+                 outputs: Optional[_StoreOutputs] = None) -> None:
         self.wf, self.store, self.run_id, self.params, self.verify = wf, store, run_id, params, verify
+        self.outputs = outputs or _StoreOutputs(store, run_id)
         self.modes = wf.wire_modes()
         forced = params.get(P_FORCE_TASKS) or []
         self.forced = set(wf.tasks) if params.get(P_FORCE) else wf.downstream_of(forced)
@@ -6098,8 +6208,8 @@ class _Planner:
         """Return one upstream task's output shaped by the wiring mode."""
         upstream = self.wf.tasks[step]
         if not upstream.is_array:
-            return self.store.get_singleton_output(self.run_id, step)
-        outputs = self.store.get_array_outputs(self.run_id, step)
+            return self.outputs.singleton(step)
+        outputs = self.outputs.array(step)
         if mode in (WireMode.GATHER_FLATTEN, WireMode.CHAIN_FLATTEN):
             return _flatten(outputs, f"task {step!r}")
         return outputs
@@ -6129,17 +6239,37 @@ class _Planner:
 
     def instance_rows(self, spec: TaskSpec) -> List[Dict[str, Any]]:
         """Return instance rows for a task: cache hits as SUCCESS, the rest PENDING."""
-        payloads = self.payloads(spec)
+        rows = self._rows(spec, list(enumerate(self.payloads(spec))))
+        if spec.config.cache and spec.name not in self.forced:
+            self._apply_cache(spec, rows)
+        return rows
+
+    def deferred_row(self, spec: TaskSpec, index: Optional[int]) -> Dict[str, Any]:
+        """Resolve the inputs of one forward-submitted instance (in its worker).
+
+        Forward-submitted arrays are chained element by element, so element
+        ``i`` reads only element ``i`` of each upstream task.
+        """
+        if spec.is_array and index is not None:
+            element = typing.cast(_ResultFileOutputs, self.outputs).element
+            payload = {param: element(result.step, index) for param, result in spec.result_deps.items()}
+            row = self._rows(spec, [(index, payload)])[0]
+        else:
+            row = self._rows(spec, list(enumerate(self.payloads(spec))))[0]
+        if spec.config.cache and spec.name not in self.forced:
+            self._apply_cache(spec, [row])
+        return row
+
+    def _rows(self, spec: TaskSpec, payloads: List[Tuple[int, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+        """Build PENDING rows with input hash and identity for ``(position, payload)`` pairs."""
         hasher = _InputHasher(spec.name, spec.config.version, _received_params(spec, self.params))
-        after = sorted(h for dep in spec.config.after for h in self.store.get_all_output_hashes(self.run_id, dep) if h)
+        after = sorted(h for dep in spec.config.after for h in self.outputs.hashes(dep) if h)
         rows = []
-        for position, payload in enumerate(payloads):
+        for position, payload in payloads:
             input_hash = hasher.hash(payload)
             rows.append({"array_index": position if spec.is_array else None, "state": TaskState.PENDING.value,
                          "input": payload, "input_hash": input_hash,
                          "identity": compute_identity(input_hash, after)})
-        if spec.config.cache and spec.name not in self.forced:
-            self._apply_cache(spec, rows)
         return rows
 
     def _apply_cache(self, spec: TaskSpec, rows: List[Dict[str, Any]]) -> None:
@@ -6222,23 +6352,66 @@ def run_worker(wf: "Workflow", run_id: str, store_path: Union[str, Path], run_di
         store.close()
     if inst is None:
         raise StoreError(f"run {run_id!r} has no instance {task}[{index}]")
-    return _execute_instance(spec, params, inst, _results_dir(run_dir, run_id))
+    results = _results_dir(run_dir, run_id)
+    resolved = _resolve_deferred(wf, spec, params, inst, store_path, results) if _is_deferred(inst) else None
+    return _execute_instance(spec, params, inst, results, resolved)
 
 
-def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[str, Any], results: Path) -> int:
-    """Call the task function for one instance and write its result file."""
+def _is_deferred(inst: Mapping[str, Any]) -> bool:
+    """Tell whether an instance was submitted before its inputs existed (forward submission)."""
+    return not inst["identity"] and inst["array_index"] != EXPANSION_FAILED
+
+
+def _resolve_deferred(wf: "Workflow", spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[str, Any],
+                      store_path: Union[str, Path], results: Path) -> Dict[str, Any]:
+    """Resolve a forward-submitted instance's inputs and cache hit; ``{"error": ...}`` if upstream failed."""
+    store = SqliteStore(store_path, readonly=True)
+    try:
+        planner = _Planner(wf, store, inst["run_id"], params, verify=True,
+                           outputs=_ResultFileOutputs(store, inst["run_id"], results))
+        return planner.deferred_row(spec, inst["array_index"])
+    except (_UpstreamFailed, GraphError, TypeError, ValueError) as exc:
+        return {"error": str(exc)}
+    finally:
+        store.close()
+
+
+def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[str, Any], results: Path,
+                      resolved: Optional[Dict[str, Any]] = None) -> int:
+    """Call the task function for one instance and write its result file.
+
+    ``resolved`` carries the inputs, identity and possible cache hit of a
+    forward-submitted instance; they go into the result for the dispatcher.
+    """
     _private_dir(results)
     stem = _result_name(spec.name, inst["array_index"], inst["attempt"])
     base = {"instance_id": inst["id"], "attempt": inst["attempt"], "task_name": spec.name,
             "array_index": inst["array_index"], "job_id": _current_job_id(), "started_at": _utcnow()}
     _atomic_write(results / f"{stem}.started", json.dumps(base))
-    outcome = _call_task(spec, build_kwargs(spec, params, inst["input"]))
+    if resolved is None:
+        outcome = _call_task(spec, build_kwargs(spec, params, inst["input"]))
+    elif "error" in resolved:
+        outcome = {"state": TaskState.FAILED.value, "output": None, "output_hash": "",
+                   "error_text": resolved["error"], "reason": UPSTREAM_FAILED}
+    else:
+        outcome = _resolved_outcome(spec, params, resolved)
     record = dict(base, finished_at=_utcnow(), **outcome)
     _atomic_write(results / f"{stem}.json", json.dumps(record, separators=(",", ":")))
     if record["state"] != TaskState.SUCCESS.value:
         print(record["error_text"], file=sys.stderr)
         return 1
     return 0
+
+
+def _resolved_outcome(spec: TaskSpec, params: Mapping[str, Any], resolved: Dict[str, Any]) -> Dict[str, Any]:
+    """Take the cache hit of a resolved instance, or run it; add what was resolved."""
+    extra = {"input": DEFAULT_CODEC.dump_value(resolved["input"]), "identity": resolved["identity"],
+             "input_hash": resolved["input_hash"], "cached": bool(resolved.get("cached"))}
+    if resolved.get("cached"):
+        output = DEFAULT_CODEC.dump_value(resolved["output"])
+        return dict(extra, state=TaskState.SUCCESS.value, output=output, output_hash=resolved["output_hash"],
+                    error_text="")
+    return dict(extra, **_call_task(spec, build_kwargs(spec, params, resolved["input"])))
 
 
 def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Dict[str, Any]:
@@ -6325,6 +6498,7 @@ class _Dispatcher:
         with self.store.transaction():
             batches = self._plan()
         submitted = self._submit(batches)
+        submitted += self._forward()
         with self.store.transaction():
             self._finalise()
         self._delete(files)
@@ -6350,9 +6524,15 @@ class _Dispatcher:
                 started.append((record["instance_id"], record["attempt"], record.get("started_at")))
             else:
                 record["output"] = DEFAULT_CODEC.load_value(record.get("output"))
+                if "input" in record:
+                    record["input"] = DEFAULT_CODEC.load_value(record["input"])
                 results.append(record)
         if started:
             self.store.mark_running(started)
+        blocked = [r["instance_id"] for r in results if r.get("reason") == UPSTREAM_FAILED]
+        if blocked:  # a worker that found its upstream failed never ran: cancelled, not failed
+            self.store.cancel_instances(blocked, UPSTREAM_FAILED)
+            results = [r for r in results if r.get("reason") != UPSTREAM_FAILED]
         applied, rejected = self.store.apply_results(results) if results else (0, [])
         for instance_id, why in rejected:
             log.info("result of instance %s ignored: %s", instance_id, why)
@@ -6420,6 +6600,9 @@ class _Dispatcher:
                 self.waiting_for_grace = True
                 continue
             info = infos.get(job_id)
+            if info is not None and info.reason == "DEPENDENCY_NEVER_SATISFIED":
+                self.store.cancel_instances([instance_id], UPSTREAM_FAILED)  # forward-submitted, upstream failed
+                continue
             state = info.state if info else "UNKNOWN"
             reason = (info.reason if info else "") or state
             detail = f", {info.reason}" if info and info.reason and info.reason != state else ""
@@ -6528,10 +6711,11 @@ class _Dispatcher:
             total += len(pairs)
         return total
 
-    def _submit_task(self, spec: TaskSpec, rows: List[Tuple[int, Optional[int]]]) -> List[Tuple[int, str]]:
+    def _submit_task(self, spec: TaskSpec, rows: List[Tuple[int, Optional[int]]],
+                     after: Optional[Dict[str, Any]] = None) -> List[Tuple[int, str]]:
         """Submit the instances of one task; return (instance id, job id) pairs."""
         if not spec.is_array or rows[0][1] is None:
-            resources = self._resources(spec, array=False)
+            resources = self._resources(spec, array=False, after=after)
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name)
             return [(rows[0][0], self.executor.submit(resources, command))]
         pairs: List[Tuple[int, str]] = []
@@ -6541,7 +6725,7 @@ class _Dispatcher:
             positions = self._positions_arg(spec, [index for _, index in chunk if index is not None])
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name, "--positions",
                                    positions, "--base", str(self.executor.array_base))
-            ids = self.executor.submit_array(self._resources(spec, array=True), command, len(chunk),
+            ids = self.executor.submit_array(self._resources(spec, array=True, after=after), command, len(chunk),
                                              spec.config.array_parallelism)
             pairs.extend((instance_id, job_id) for (instance_id, _), job_id in zip(chunk, ids))
         return pairs
@@ -6555,10 +6739,11 @@ class _Dispatcher:
         _atomic_write(path, text)
         return f"@{path}"
 
-    def _resources(self, spec: TaskSpec, array: bool) -> JobResources:
-        """Return the job resources of a task: decorator > config submit options."""
+    def _resources(self, spec: TaskSpec, array: bool, after: Optional[Dict[str, Any]] = None) -> JobResources:
+        """Return the job resources of a task: decorator > config submit options (+ dependency)."""
         options = dict(self.wf.config.submit_options)
         options.update(spec.config.submit_options)
+        options.update(after or {})
         logs = self.run_dir / "logs"
         suffix = "{job_id}_{array_index}" if array else "{job_id}"
         return JobResources(
@@ -6567,6 +6752,88 @@ class _Dispatcher:
             error_path=str(logs / f"{spec.name}-{suffix}.err"), submit_options=options, workdir=str(self.run_dir),
             gpus=int(options.pop("gpus", 0) or 0),
         )
+
+    # ---------------------------------------------- forward submission
+
+    def _forward(self) -> int:
+        """Submit tasks whose width is already known, each waiting (afterok) on its upstream jobs.
+
+        A singleton has width 1; an array chained element by element from
+        arrays of known width has their width.  Such tasks need no
+        dispatcher cycle of their own: their workers resolve their inputs
+        from the upstream result files.  A fan-out over an output that does
+        not exist yet is a dynamic point and waits for the next cycle.
+        """
+        specs = {spec["task_name"]: spec for spec in self.store.get_task_specs(self.run_id)}
+        summary = self.store.task_state_summary(self.run_id)
+        jobs = self._jobs_by_task()
+        total = 0
+        for name in self.wf.topological_order():
+            spec = self.wf.tasks[name]
+            if summary.get(name) or specs[name].get("width") is not None:
+                continue
+            upstream = self._inflight_upstream(spec, specs, summary, jobs)
+            width = None if upstream is None else self._known_width(spec, specs)
+            if width is None or not upstream:
+                continue
+            ids = self._forward_submit(spec, width, sorted(upstream))
+            if ids:
+                specs[name]["width"], summary[name] = width, {"SUBMITTED": width}
+                jobs[name] = set(ids)
+                total += width
+        return total
+
+    def _jobs_by_task(self) -> Dict[str, set]:
+        """Return the job ids of each task's SUBMITTED/RUNNING instances."""
+        jobs: Dict[str, set] = {}
+        for row in self.store.instance_rows(self.run_id, states=["SUBMITTED", "RUNNING"]):
+            if row[4]:
+                jobs.setdefault(row[1], set()).add(row[4])
+        return jobs
+
+    def _inflight_upstream(self, spec: TaskSpec, specs, summary, jobs) -> Optional[set]:
+        """Return the job ids a task must wait for, or None if a dependency cannot be waited on."""
+        waiting: set = set()
+        for dep in spec.dependencies:
+            counts = summary.get(dep, {})
+            if _satisfied(specs[dep], counts):
+                continue
+            done_or_running = counts.get("SUCCESS", 0) + counts.get("SUBMITTED", 0) + counts.get("RUNNING", 0)
+            if not counts or done_or_running != sum(counts.values()) or dep not in jobs:
+                return None
+            waiting |= jobs[dep]
+        return waiting
+
+    def _known_width(self, spec: TaskSpec, specs) -> Optional[int]:
+        """Return the task's width when it does not depend on outputs yet to come."""
+        if not spec.is_array:
+            return 1
+        widths = []
+        for param, result in spec.result_deps.items():
+            if self.wf.wire_modes()[(spec.name, param)] is not WireMode.CHAIN or len(result.steps) != 1:
+                return None
+            widths.append(specs[result.step].get("width"))
+        return widths[0] if widths and None not in widths and len(set(widths)) == 1 else None
+
+    def _forward_submit(self, spec: TaskSpec, width: int, upstream: List[str]) -> List[str]:
+        """Insert deferred instances of a task and submit them after ``upstream``; return job ids."""
+        rows = [{"array_index": i if spec.is_array else None, "state": TaskState.PENDING.value, "input": {},
+                 "identity": "", "input_hash": ""} for i in range(width)]
+        with self.store.transaction():
+            self.store.insert_task_instances(self.run_id, spec.name, rows)
+            self.store.set_task_width(self.run_id, spec.name, width)
+        todo = self.store.instance_rows(self.run_id, states=["PENDING"], task_name=spec.name)
+        after = self.executor.dependency_options(upstream, "afterok")
+        try:
+            pairs = self._submit_task(spec, [(row[0], row[2]) for row in sorted(todo, key=lambda r: r[2] or 0)],
+                                      after)
+        except (ExecutorError, OSError, ValueError) as exc:
+            self.store.fail_instances([row[0] for row in todo], f"Submission rejected for task {spec.name!r}: {exc}",
+                                      "SUBMIT_FAILED")
+            return []
+        self.store.mark_submitted(pairs)
+        self.submitted.extend(job_id for _, job_id in pairs)
+        return [job_id for _, job_id in pairs]
 
     # ------------------------------------------------ finalise, re-arm
 
@@ -6609,32 +6876,6 @@ def _final_run_state(specs: Sequence[Mapping[str, Any]], summary: Mapping[str, M
     if any(counts.get("CANCELLED", 0) for counts in summary.values()):
         return RunState.CANCELLED.value
     return None
-
-
-def _read_result_file(path: Path) -> Optional[Dict[str, Any]]:
-    """Parse a result or start-marker file; None when it is malformed."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    required = ("instance_id", "attempt") if path.suffix == ".started" else ("instance_id", "attempt", "state")
-    if not isinstance(record, dict) or any(key not in record for key in required):
-        return None
-    if path.suffix == ".json" and record["state"] not in ("SUCCESS", "FAILED"):
-        return None
-    return record
-
-
-_RESULT_NAME_RE = re.compile(r"^(?P<task>.+)__(?P<index>singleton|\d+)__(?P<attempt>\d+)\.(?:json|started)$")
-
-
-def _parse_result_name(name: str) -> Tuple[Optional[str], Optional[int], int]:
-    """Split ``<task>__<index>__<attempt>.json`` into its parts (task None if foreign)."""
-    match = _RESULT_NAME_RE.match(name)
-    if not match:
-        return None, None, 0
-    index = None if match["index"] == "singleton" else int(match["index"])
-    return match["task"], index, int(match["attempt"])
 
 
 # =============================================================================

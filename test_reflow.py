@@ -648,8 +648,10 @@ class LocalSubmitTest(TempDirTest):
             status = run.status(as_dict=True)
             self.assertEqual([(i["task_name"], i["array_index"]) for i in status["failed_instances"]], [("square", 3)])
             self.assertIn("boom at 3", status["failed_instances"][0]["error_text"])
+            total = run.store.get_task_instance(run.run_id, "total", None)  # submitted ahead, never ran
+            self.assertEqual((total["state"], total["reason"]), ("CANCELLED", "UPSTREAM_FAILED"))
             fixed.write_text("ok")
-            self.assertEqual(run.retry(), 1)
+            self.assertEqual(run.retry(), 2)
             self.assertEqual(run.wait(timeout=120), "SUCCESS")
             self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), 30)
             square = run.store.get_task_instance(run.run_id, "square", 3)
