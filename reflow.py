@@ -851,7 +851,7 @@ _CONFIG_SCHEMA: Dict[str, Dict[str, Callable[[Any], Optional[str]]]] = {
         {name: _check_str for name in _EXECUTOR_BINARIES},
         mode=_check_str, python=_check_str, max_submit_jobs=_check_int,
         lost_job_grace=_check_seconds, partition=_check_str, queue=_check_str,
-        account=_check_str, submit_options=_check_table,
+        account=_check_str, submit_options=_check_table, max_array_size=_check_positive_int,
     ),
     "dispatch": {
         "cpus": _check_positive_int, "time": _check_by(parse_time), "mem": _check_by(parse_mem),
@@ -1152,6 +1152,8 @@ _EXAMPLE_CONFIG = '''\
 # max_submit_jobs = 0
 # Seconds a finished job may go without a result before its task fails.  REFLOW_LOST_JOB_GRACE
 # lost_job_grace = 60.0
+# Most elements of one native array; larger waves are split (default: the scheduler's).  REFLOW_MAX_ARRAY_SIZE
+# max_array_size = 1000
 # Partition or queue of task jobs (synonyms).  REFLOW_PARTITION, REFLOW_QUEUE
 # partition = "normal"
 # queue = "normal"
@@ -3735,7 +3737,14 @@ class Executor(abc.ABC):
         return [self.element_id(array_id, first + offset) for offset in range(size)]
 
     def dependency_options(self, job_ids: Sequence[str], kind: str = "afterany") -> Dict[str, Any]:
-        """Return submit options making a job wait for ``job_ids`` (``kind`` is afterany or afterok)."""
+        """Return submit options making a job wait for ``job_ids`` (``kind`` is afterany or afterok).
+
+        Contract for ``afterok``: a job whose dependency failed must end by
+        itself (Slurm ``--kill-on-invalid-dep``, PBS and Flux do so), never
+        stay queued; where a scheduler would keep it pending (LSF) or has no
+        afterok (Grid Engine), an afterany-style wait is used instead and the
+        worker finds the failed upstream itself.
+        """
         return {"dependency": f"{kind}:" + ":".join(job_ids)} if job_ids else {}
 
     def delay_options(self, seconds: int) -> Dict[str, Any]:
@@ -4325,7 +4334,7 @@ class SlurmExecutor(_BatchExecutor):
         """
         rows: Dict[str, JobInfo] = {}
         for line in text.splitlines():
-            fields = line.strip().split("|") + ["", ""]
+            fields = [*line.strip().split("|"), "", ""]
             if not fields[0] or not fields[1]:
                 continue
             status = fields[3].strip()
@@ -4468,7 +4477,7 @@ class PBSExecutor(_BatchExecutor):
             argv += ["-N", resources.job_name]
         bounds = resources.array_bounds()
         if bounds and bounds[0] != bounds[1]:
-            argv += [self.array_flag or "-J", resources.array]
+            argv += [self.array_flag or "-J", str(resources.array)]
         if resources.output_path:
             argv += ["-o", "/dev/null"]  # the script redirects its own output
         if resources.output_path or resources.error_path:
@@ -4489,7 +4498,7 @@ class PBSExecutor(_BatchExecutor):
         bounds = resources.array_bounds()
         setup = []
         single = bounds is not None and bounds[0] == bounds[1]
-        if single:
+        if bounds is not None and single:
             setup.append(f"export PBS_ARRAY_INDEX={bounds[0]}")
         workdir = _sh_word(resources.workdir) if resources.workdir else '"${PBS_O_WORKDIR:-.}"'
         setup.append(f"cd {workdir} || exit 1")
@@ -4769,10 +4778,14 @@ class LSFExecutor(_BatchExecutor):
         return job_id.split("[")[0]
 
     def dependency_options(self, job_ids: Sequence[str], kind: str = "afterany") -> Dict[str, Any]:
-        """Return ``{"dependency": "ended(a) && ended(b)"}`` (afterok: ``done(...)``)."""
+        """Return ``{"dependency": "ended(a) && ended(b)"}``, for afterok too.
+
+        LSF keeps a job whose ``done()`` can never be met pending for ever,
+        which would also hold the dispatcher waiting on it; so ``afterok``
+        waits with ``ended()`` and the worker checks its upstream results.
+        """
         masters = self._masters(job_ids)
-        function = "done" if kind == "afterok" else "ended"
-        return {"dependency": " && ".join(f"{function}({m})" for m in masters)} if masters else {}
+        return {"dependency": " && ".join(f"ended({m})" for m in masters)} if masters else {}
 
     def delay_options(self, seconds: int) -> Dict[str, Any]:
         """Return ``{"begin": "YYYY:MM:DD:hh:mm"}`` (``bsub -b``, rounded up to the minute)."""
@@ -5336,9 +5349,9 @@ class FluxExecutor(_BatchExecutor):
         if not ids:
             return {}
         result = self._run([self.flux, "jobs", "-a", "-n", "-o", self._FORMAT, *ids], check=False)
-        if result.returncode != 0 and not result.stdout.strip():
-            if not re.search(r"unknown|not found|invalid", result.stderr, re.I):
-                raise ExecutorError(f"flux jobs exited {result.returncode}: {_tail(result.stderr)}", result)
+        failed = result.returncode != 0 and not result.stdout.strip()
+        if failed and not re.search(r"unknown|not found|invalid", result.stderr, re.I):
+            raise ExecutorError(f"flux jobs exited {result.returncode}: {_tail(result.stderr)}", result)
         rows = self._parse_jobs(result.stdout)
         by_decimal = {}
         for job_id in ids:
@@ -6578,11 +6591,14 @@ class _Dispatcher:
             log.warning("could not query job states (%s); assuming they are still active", exc)
             self.live_jobs = job_ids
             return 0
-        self.live_jobs = [j for j in job_ids if j in infos and infos[j].state not in FINAL_JOB_STATES]
-        never = [j for j in self.live_jobs if infos[j].reason == "DEPENDENCY_NEVER_SATISFIED"]
+        # A job whose afterok dependency failed may still sit in the queue (LSF keeps it
+        # pending for ever); executors report it FAILED, and it is cancelled here.
+        never = [j for j in job_ids if j in infos and infos[j].reason == "DEPENDENCY_NEVER_SATISFIED"]
         if never:
             self.executor.cancel_many(never)
-        ended = {j for j in job_ids if j not in self.live_jobs or j in never}
+        self.live_jobs = [j for j in job_ids if j in infos and infos[j].state not in FINAL_JOB_STATES
+                          and j not in never]
+        ended = {j for j in job_ids if j not in self.live_jobs}
         return self._fail_lost([row for row in rows if row[4] in ended], infos)
 
     def _fail_lost(self, rows: List[Tuple], infos: Mapping[str, JobInfo]) -> int:
@@ -6817,10 +6833,11 @@ class _Dispatcher:
 
     def _forward_submit(self, spec: TaskSpec, width: int, upstream: List[str]) -> List[str]:
         """Insert deferred instances of a task and submit them after ``upstream``; return job ids."""
-        rows = [{"array_index": i if spec.is_array else None, "state": TaskState.PENDING.value, "input": {},
-                 "identity": "", "input_hash": ""} for i in range(width)]
+        deferred: List[Dict[str, Any]] = [
+            {"array_index": i if spec.is_array else None, "state": TaskState.PENDING.value, "input": {},
+             "identity": "", "input_hash": ""} for i in range(width)]
         with self.store.transaction():
-            self.store.insert_task_instances(self.run_id, spec.name, rows)
+            self.store.insert_task_instances(self.run_id, spec.name, deferred)
             self.store.set_task_width(self.run_id, spec.name, width)
         todo = self.store.instance_rows(self.run_id, states=["PENDING"], task_name=spec.name)
         after = self.executor.dependency_options(upstream, "afterok")
@@ -7459,8 +7476,8 @@ def _convert_datetime(text: str) -> _dt.datetime:
 
 def _converter(tp: Any) -> Callable[[str], Any]:
     """Return the argparse ``type=`` for a parameter type."""
-    table: Dict[Any, Callable[[str], Any]] = {bool: _convert_bool, int: int, float: float, str: str, _dt.datetime: _convert_datetime,
-             _dt.date: _dt.date.fromisoformat}
+    table: Dict[Any, Callable[[str], Any]] = {bool: _convert_bool, int: int, float: float, str: str,
+                                              _dt.datetime: _convert_datetime, _dt.date: _dt.date.fromisoformat}
     if tp in table:
         return table[tp]
     if _is_path_type(tp):

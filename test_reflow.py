@@ -40,7 +40,20 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.g
 os.environ.pop("REFLOW_MODE", None)
 
 import reflow  # noqa: E402
-from reflow import Flow, Param, Result, Workflow  # noqa: E402
+from reflow import (  # noqa: E402
+    ExecutorError,
+    Flow,
+    FluxExecutor,
+    JobInfo,
+    JobResources,
+    LSFExecutor,
+    PBSExecutor,
+    Param,
+    Result,
+    SGEExecutor,
+    SlurmExecutor,
+    Workflow,
+)
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
@@ -2415,6 +2428,1189 @@ class TestStoreBulkSpeed(_StoreTest):
         self.assertEqual(self.timed(self.store.delete_instances, ids), self.N)
         slow = {name: round(sec, 2) for name, sec in self.figures.items() if sec > self.LIMIT}
         self.assertFalse(slow, f"bulk calls over {self.LIMIT} s CPU for {self.N} elements: {slow}")
+
+
+HOSTILE = ["$(touch pwned)", "; rm -rf /tmp/nothing-here", "it's \"quoted\"", "two\nlines\n#$ -q evil\n#PBS -q x",
+           "-leading-dash", "ünïcödé ✓", "`touch pwned2`", "back\\slash", "*", ""]
+EMULATORS = Path(os.environ.get("REFLOW_EMULATORS", str(Path(__file__).resolve().parent / "ci" / "emulators")))
+
+
+# =============================================================================
+# (a) Parsers, table-driven over documented outputs
+# =============================================================================
+
+
+class TestSlurmParsers(unittest.TestCase):
+    """sbatch, sacct and squeue outputs of schedulers.md section 1."""
+
+    def test_submit_output(self):
+        for stdout, expected in [("123", "123"), ("123;cluster", "123"), ("info: plugin says hi\n124\n", "124"),
+                                 ("Submitted batch job 125", "125"), ("Submitted batch job 126 on cluster ci", "126")]:
+            with self.subTest(stdout=stdout):
+                result = reflow.CommandResult(["sbatch"], stdout, "", 0)
+                self.assertEqual(SlurmExecutor._parse_submit(result), expected)
+        for stdout in ["", "sbatch: error: nope", "abc"]:
+            with self.subTest(stdout=stdout), self.assertRaises(ExecutorError):
+                SlurmExecutor._parse_submit(reflow.CommandResult(["sbatch"], stdout, "", 0))
+
+    def test_sacct_rows(self):
+        text = "\n".join([
+            "123|COMPLETED|0:0|None", "124_1|FAILED|1:0|NonZeroExitCode", "124_2|CANCELLED by 1000|0:15|None",
+            "124_[3-5%2]|PENDING|0:0|JobArrayTaskLimit", "125|TIMEOUT|0:0|TimeLimit", "126|OUT_OF_MEMORY|0:125|None",
+            "127|NODE_FAIL|0:0|None", "128|PREEMPTED|0:0|None", "129|BOOT_FAIL|0:0|None", "130|DEADLINE|0:0|None",
+            "131|PENDING|0:0|DependencyNeverSatisfied", "132|CANCELLED|0:0|Dependency",
+            "133|CANCELLED by 0|0:0|Dependency", "134|SOMETHING_NEW|0:0|None", "135|SUSPENDED|0:0|None",
+            "136|RUNNING|0:0|None", "137|COMPLETING|0:0|None", "138|FAILED|0:9|None", "139|REQUEUED|0:0|None",
+        ])
+        rows = SlurmExecutor._parse_sacct(text)
+        expected = {
+            "123": ("COMPLETED", "", 0), "124_1": ("FAILED", "exit 1", 1),
+            "124_2": ("CANCELLED", "CANCELLED by 1000", 143), "124_3": ("PENDING", "JobArrayTaskLimit", None),
+            "124_5": ("PENDING", "JobArrayTaskLimit", None), "125": ("TIMEOUT", "TIMEOUT", 0),
+            "126": ("OUT_OF_MEMORY", "OUT_OF_MEMORY", 253), "127": ("FAILED", "NODE_FAIL", 0),
+            "128": ("FAILED", "PREEMPTED", 0), "129": ("FAILED", "BOOT_FAIL", 0), "130": ("FAILED", "DEADLINE", 0),
+            "131": ("FAILED", "DEPENDENCY_NEVER_SATISFIED", None),
+            "132": ("FAILED", "DEPENDENCY_NEVER_SATISFIED", None),
+            "133": ("CANCELLED", "CANCELLED by 0", 0), "134": ("RUNNING", "SOMETHING_NEW", None),
+            "135": ("SUSPENDED", "", None), "136": ("RUNNING", "", None), "137": ("RUNNING", "", None),
+            "138": ("FAILED", "signal 9", 137), "139": ("PENDING", "", None),
+        }
+        for job_id, (state, reason, code) in expected.items():
+            with self.subTest(job_id=job_id):
+                self.assertEqual(rows[job_id], JobInfo(state, reason, code))
+        self.assertNotIn("124_[3-5%2]", rows)
+        self.assertIn("124_4", rows)
+
+    def test_squeue_rows(self):
+        rows = SlurmExecutor._parse_squeue("123|RUNNING|None\n124_[2-4%2]|PENDING|JobArrayTaskLimit\n"
+                                           "124_1|RUNNING|None\n125|PENDING|DependencyNeverSatisfied\n"
+                                           "126|FAILED|NonZeroExitCode\n127|FAILED|NonZeroExitCode|768|\n"
+                                           "128|FAILED|JobLaunchFailure|9|\n129|COMPLETED|None|0|\n")
+        self.assertEqual(rows["127"], JobInfo("FAILED", "exit 3", 3))
+        self.assertEqual(rows["128"], JobInfo("FAILED", "signal 9", 137))
+        self.assertEqual(rows["129"], JobInfo("COMPLETED", "", 0))
+        self.assertEqual(rows["123"].state, "RUNNING")
+        self.assertEqual([rows[f"124_{i}"].state for i in (1, 2, 3, 4)], ["RUNNING"] + ["PENDING"] * 3)
+        self.assertEqual(rows["125"], JobInfo("FAILED", "DEPENDENCY_NEVER_SATISFIED"))
+        self.assertEqual(rows["126"].state, "FAILED")
+        self.assertEqual(rows["126"].reason, "NonZeroExitCode")
+
+    def test_element_and_master_ids(self):
+        ex = SlurmExecutor()
+        self.assertEqual(ex.element_id("123", 4), "123_4")
+        self.assertEqual(ex.dependency_options(["5_1", "5_2", "6", "6"]), {"dependency": "afterany:5:6"})
+        self.assertEqual(ex.dependency_options(["7"], "afterok"),
+                         {"dependency": "afterok:7", "kill_on_invalid_dep": "yes"})
+        self.assertEqual(ex.dependency_options([]), {})
+        self.assertEqual(ex.delay_options(30), {"begin": "now+30"})
+
+
+class TestPBSParsers(unittest.TestCase):
+    """qsub ids and qstat JSON/text of schedulers.md section 2."""
+
+    def test_submit_output(self):
+        for stdout in ["123.pbsserver", "123[].pbsserver", "124.srv.example.org", "125", "126[]"]:
+            with self.subTest(stdout=stdout):
+                self.assertEqual(PBSExecutor._parse_submit(reflow.CommandResult(["qsub"], stdout + "\n", "", 0)),
+                                 stdout)
+        for stdout in ["", "qsub: Unknown queue", "Job <1> is submitted"]:
+            with self.subTest(stdout=stdout), self.assertRaises(ExecutorError):
+                PBSExecutor._parse_submit(reflow.CommandResult(["qsub"], stdout, "", 0))
+
+    def test_exit_status_table(self):
+        cases = [
+            ({"job_state": "F", "Exit_status": 0}, ("COMPLETED", "", 0)),
+            ({"job_state": "F", "Exit_status": 3}, ("FAILED", "exit 3", 3)),
+            ({"job_state": "X", "Exit_status": 265}, ("CANCELLED", "signal 9", 137)),
+            ({"job_state": "F", "Exit_status": 271}, ("CANCELLED", "signal 15", 143)),
+            ({"job_state": "F", "Exit_status": 267}, ("FAILED", "signal 11", 139)),
+            ({"job_state": "F", "Exit_status": -29}, ("TIMEOUT", "walltime exceeded", -29)),
+            ({"job_state": "F", "Exit_status": -27}, ("OUT_OF_MEMORY", "mem exceeded", -27)),
+            ({"job_state": "F", "Exit_status": -1}, ("FAILED", "PBS exec error -1", -1)),
+            ({"job_state": "F"}, ("CANCELLED", "deleted before running", None)),
+            ({"job_state": "C", "exit_status": "2"}, ("FAILED", "exit 2", 2)),
+            ({"job_state": "Q"}, ("PENDING", "", None)), ({"job_state": "H"}, ("PENDING", "", None)),
+            ({"job_state": "W"}, ("PENDING", "", None)), ({"job_state": "R"}, ("RUNNING", "", None)),
+            ({"job_state": "E"}, ("RUNNING", "", None)), ({"job_state": "B"}, ("RUNNING", "", None)),
+            ({"job_state": "S"}, ("SUSPENDED", "", None)), ({"job_state": "Z"}, ("RUNNING", "state Z", None)),
+        ]
+        for attrs, expected in cases:
+            with self.subTest(attrs=attrs):
+                self.assertEqual(PBSExecutor._info(attrs), JobInfo(*expected))
+
+    def test_qstat_json_and_text(self):
+        text = json.dumps({"timestamp": 1, "pbs_version": "19.1.3", "pbs_server": "srv", "Jobs": {
+            "123.srv": {"Job_Name": "step1", "job_state": "F", "Exit_status": 0},
+            "124[].srv": {"job_state": "B", "array": "True"},
+            "124[0].srv": {"job_state": "X", "Exit_status": 0}, "124[1].srv": {"job_state": "R"}}})
+        records = PBSExecutor._parse_qstat_json(text)
+        self.assertEqual(set(records), {"123.srv", "124[].srv", "124[0].srv", "124[1].srv"})
+        self.assertEqual(PBSExecutor._parse_qstat_json(""), {})
+        with self.assertRaises(ExecutorError):
+            PBSExecutor._parse_qstat_json("{not json")
+        sample = ("Job Id: 123.srv\n    Job_Name = step1\n    job_state = C\n    exit_status = 0\n"
+                  "    Variable_List = PBS_O_HOME=/root,PBS_O_LANG=C,\n\tPBS_O_PATH=/bin\n\nJob Id: 124.srv\n"
+                  "    job_state = R\n")
+        records = PBSExecutor._parse_qstat_text(sample)
+        self.assertEqual(records["123.srv"]["exit_status"], "0")
+        self.assertTrue(records["123.srv"]["Variable_List"].endswith("PBS_O_PATH=/bin"))
+        self.assertEqual(records["124.srv"]["job_state"], "R")
+
+    def test_ids(self):
+        ex = PBSExecutor(array_flag="-J")
+        self.assertEqual(ex.element_id("123[].srv", 4), "123[4].srv")
+        self.assertEqual(ex.element_id("123.srv", 0), "123.srv")  # one-element "array" = plain job
+        self.assertEqual(ex.dependency_options(["1.srv", "2[3].srv", "2[4].srv"]),
+                         {"depend": "afterany:1.srv:2[].srv"})
+        torque = PBSExecutor(array_flag="-t")
+        self.assertEqual(torque.dependency_options(["1.srv", "2[3].srv"], "afterok"),
+                         {"depend": "afterok:1.srv,afterokarray:2[].srv"})
+        self.assertRegex(ex.delay_options(90)["begin"], r"^\d{12}\.\d\d$")
+
+
+class TestLSFParsers(unittest.TestCase):
+    """bsub and bjobs outputs of schedulers.md section 3."""
+
+    def test_submit_output(self):
+        for stdout, expected in [("Job <123> is submitted to queue <normal>.", "123"),
+                                 ("Job <124> is submitted to default queue <normal>.\n", "124")]:
+            with self.subTest(stdout=stdout):
+                self.assertEqual(LSFExecutor._parse_submit(reflow.CommandResult(["bsub"], stdout, "", 0)), expected)
+        with self.assertRaises(ExecutorError):
+            LSFExecutor._parse_submit(reflow.CommandResult(["bsub"], "Queue does not exist. Job not submitted.", "", 0))
+
+    def test_bjobs_json(self):
+        def rec(jobid, stat, index="0", code="", reason="", pend=""):
+            return {"JOBID": jobid, "JOBINDEX": index, "STAT": stat, "EXIT_CODE": code, "EXIT_REASON": reason,
+                    "PEND_REASON": pend}
+        records = [rec("1", "DONE"), rec("2", "EXIT", code="3"), rec("3", "EXIT", code="130",
+                   reason="TERM_OWNER: job killed by owner"), rec("4", "EXIT", code="137", reason="TERM_MEMLIMIT"),
+                   rec("5", "EXIT", code="140", reason="Job killed after reaching LSF run time limit"),
+                   rec("6", "PEND", pend="Dependency condition invalid or never satisfied"),
+                   rec("7", "PEND", pend="New job is waiting for scheduling"), rec("8", "RUN"), rec("9", "PSUSP"),
+                   rec("10", "USUSP"), rec("11", "PDONE"), rec("12", "ZOMBI"), rec("13", "WEIRD"),
+                   rec("14", "DONE", index="2"), rec("14", "RUN", index="3"),
+                   {"JOBID": "15", "ERROR": "Job <15> is not found"},
+                   rec("16", "EXIT", code="139")]
+        rows = LSFExecutor._parse_bjobs("prefix noise " + json.dumps({"COMMAND": "bjobs", "JOBS": len(records),
+                                                                      "RECORDS": records}))
+        expected = {
+            "1": ("COMPLETED", "", 0), "2": ("FAILED", "exit 3", 3),
+            "3": ("CANCELLED", "TERM_OWNER: job killed by owner", 130), "4": ("OUT_OF_MEMORY", "TERM_MEMLIMIT", 137),
+            "5": ("TIMEOUT", "Job killed after reaching LSF run time limit", 140),
+            "6": ("FAILED", "DEPENDENCY_NEVER_SATISFIED", None),
+            "7": ("PENDING", "New job is waiting for scheduling", None), "8": ("RUNNING", "", None),
+            "9": ("PENDING", "", None), "10": ("SUSPENDED", "", None), "11": ("COMPLETED", "", 0),
+            "12": ("FAILED", "", None), "13": ("RUNNING", "state WEIRD", None), "14[2]": ("COMPLETED", "", 0),
+            "14[3]": ("RUNNING", "", None), "16": ("FAILED", "signal 11", 139),
+        }
+        for job_id, info in expected.items():
+            with self.subTest(job_id=job_id):
+                self.assertEqual(rows[job_id], JobInfo(*info))
+        self.assertNotIn("15", rows)
+        self.assertEqual(LSFExecutor._parse_bjobs(""), {})
+
+    def test_ids_and_options(self):
+        ex = LSFExecutor()
+        self.assertEqual(ex.element_id("123", 4), "123[4]")
+        self.assertEqual(ex.dependency_options(["1", "2[3]", "2[4]"]), {"dependency": "ended(1) && ended(2)"})
+        self.assertEqual(ex.dependency_options(["1"], "afterok"), {"dependency": "ended(1)"})  # never stuck pending
+        self.assertRegex(ex.delay_options(60)["begin"], r"^\d{4}:\d\d:\d\d:\d\d:\d\d$")
+
+
+class TestSGEParsers(unittest.TestCase):
+    """qsub, qstat -xml and qacct outputs of schedulers.md section 4."""
+
+    QSTAT_XML = """<?xml version='1.0'?>
+<job_info  xmlns:xsd="http://arc.liv.ac.uk/repos/darcs/sge/source/dist/util/resources/schemas/qstat/qstat.xsd">
+  <queue_info>
+    <job_list state="running">
+      <JB_job_number>123</JB_job_number>
+      <JAT_prio>0.55500</JAT_prio>
+      <JB_name>wf-a&amp;b</JB_name>
+      <JB_owner>alice</JB_owner>
+      <state>r</state>
+      <queue_name>all.q@node01</queue_name>
+      <slots>4</slots>
+      <tasks>7</tasks>
+    </job_list>
+  </queue_info>
+  <job_info>
+    <job_list state="pending">
+      <JB_job_number>123</JB_job_number>
+      <JB_name>wf-a&amp;b</JB_name>
+      <state>qw</state>
+      <tasks>8-10:1</tasks>
+    </job_list>
+    <job_list state="pending">
+      <JB_job_number>124</JB_job_number>
+      <JB_name>step2</JB_name>
+      <state>hqw</state>
+    </job_list>
+    <job_list state="pending">
+      <JB_job_number>125</JB_job_number>
+      <JB_name>broken</JB_name>
+      <state>Eqw</state>
+    </job_list>
+  </job_info>
+</job_info>
+"""
+
+    def test_submit_output(self):
+        for stdout, expected in [("123", "123"), ("123.1-10:1", "123"),
+                                 ('Your job 124 ("name") has been submitted', "124"),
+                                 ('Your job-array 125.1-10:1 ("name") has been submitted', "125")]:
+            with self.subTest(stdout=stdout):
+                self.assertEqual(SGEExecutor._parse_submit(reflow.CommandResult(["qsub"], stdout, "", 0)), expected)
+        with self.assertRaises(ExecutorError):
+            SGEExecutor._parse_submit(reflow.CommandResult(["qsub"], "Unable to run job: error", "", 0))
+
+    def test_qstat_xml(self):
+        jobs = SGEExecutor._parse_qstat_xml(self.QSTAT_XML)
+        self.assertEqual([(j["number"], j["state"], j["tasks"]) for j in jobs],
+                         [("123", "r", "7"), ("123", "qw", "8-10:1"), ("124", "hqw", ""), ("125", "Eqw", "")])
+        self.assertEqual(jobs[0]["name"], "wf-a&b")
+
+    def test_state_letters(self):
+        for letters, state in [("qw", "PENDING"), ("hqw", "PENDING"), ("hRwq", "PENDING"), ("r", "RUNNING"),
+                               ("t", "RUNNING"), ("Rr", "RUNNING"), ("s", "SUSPENDED"), ("S", "SUSPENDED"),
+                               ("T", "SUSPENDED"), ("Eqw", "FAILED"), ("dr", "CANCELLED"), ("z?", "RUNNING")]:
+            with self.subTest(letters=letters):
+                self.assertEqual(SGEExecutor._state_info(letters).state, state)
+
+    def test_qacct(self):
+        text = ("==============================================================\nqname        all.q\n"
+                "jobnumber    123\ntaskid       undefined\nfailed       0    \nexit_status  0\n"
+                "==============================================================\njobnumber    124\n"
+                "taskid       2\nfailed       100 : assumedly after job\nexit_status  137                  (Killed)\n")
+        records = SGEExecutor._parse_qacct(text)
+        self.assertEqual([r["jobnumber"] for r in records], ["123", "124"])
+        cases = [({"failed": "0", "exit_status": "0"}, ("COMPLETED", "", 0)),
+                 ({"failed": "0", "exit_status": "3"}, ("FAILED", "exit 3", 3)),
+                 ({"failed": "100 : assumedly after job", "exit_status": "137 (Killed)"},
+                  ("CANCELLED", "signal 9", 137)),
+                 ({"failed": "37  : qmaster enforced h_rt, h_cpu, or h_vmem limit", "exit_status": "137"},
+                  ("TIMEOUT", "37  : qmaster enforced h_rt, h_cpu, or h_vmem limit", 137)),
+                 ({"failed": "26  : opening input/output file", "exit_status": "0"},
+                  ("FAILED", "failed 26  : opening input/output file", 0)),
+                 ({"failed": "37  : qmaster enforced h_rt, h_cpu, or h_vmem limit", "exit_status": "137",
+                   "category": "-l h_rt=00:10:00,h_vmem=768M", "ru_wallclock": "12s"},
+                  ("OUT_OF_MEMORY", "37  : qmaster enforced h_rt, h_cpu, or h_vmem limit", 137)),
+                 ({"failed": "0", "exit_status": "139"}, ("FAILED", "signal 11", 139))]
+        for record, expected in cases:
+            with self.subTest(record=record):
+                self.assertEqual(SGEExecutor._qacct_info(record), JobInfo(*expected))
+
+    def test_ids(self):
+        ex = SGEExecutor()
+        self.assertEqual(ex.element_id("123", 4), "123.4")
+        self.assertEqual(ex.dependency_options(["1", "2.3", "2.4"], "afterok"), {"hold_jid": "1,2"})
+        self.assertRegex(ex.delay_options(5)["begin"], r"^\d{12}\.\d\d$")
+
+
+class TestFluxParsers(unittest.TestCase):
+    """F58 ids and flux jobs output of schedulers.md section 5."""
+
+    def test_ids(self):
+        for text, expected in [("f1", "0"), ("f2", "1"), ("fz", "57"), ("f21", "58"), ("ƒ21", "58"), ("42", "42"),
+                               ("0x2a", "42"), ("0000.0000.0000.002a", "42")]:
+            with self.subTest(text=text):
+                self.assertEqual(reflow._flux_decimal_id(text), expected)
+        for number in (0, 1, 57, 58, 1234567890123, 2**63 - 1):
+            self.assertEqual(reflow._flux_decimal_id(reflow._flux_f58(number)), str(number))
+        for text in ("", "f", "f0", "ƒI", "xyz"):
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                reflow._flux_decimal_id(text)
+
+    def test_submit_output(self):
+        stdout = "\n".join(reflow._flux_f58(n).replace("f", "ƒ", 1) for n in (1000, 1001)) + "\n"
+        self.assertEqual(FluxExecutor._parse_submit(reflow.CommandResult(["flux"], stdout, "", 0)), ["1000", "1001"])
+        with self.assertRaises(ExecutorError):
+            FluxExecutor._parse_submit(reflow.CommandResult(["flux"], "flux-submit: ERROR: x", "", 0))
+
+    def test_jobs_rows(self):
+        text = "\n".join(["1|INACTIVE|COMPLETED|0|", "2|RUN|||", "3|INACTIVE|FAILED|3|",
+                          "4|INACTIVE|CANCELED|-128|cancel",
+                          "5|INACTIVE|TIMEOUT|-9|timeout", "6|INACTIVE|FAILED|-128|dependency", "7|SCHED|||",
+                          "8|DEPEND|||", "9|CLEANUP|||", "10|PRIORITY|||", "11|S|||", "12|INACTIVE|FAILED|-11|",
+                          "13|WEIRD|||"])
+        rows = FluxExecutor._parse_jobs(text)
+        expected = {"1": ("COMPLETED", "", 0), "2": ("RUNNING", "", None), "3": ("FAILED", "exit 3", 3),
+                    "4": ("CANCELLED", "cancel", -128), "5": ("TIMEOUT", "timeout", -9),
+                    "6": ("FAILED", "DEPENDENCY_NEVER_SATISFIED", -128), "7": ("PENDING", "", None),
+                    "8": ("PENDING", "", None), "9": ("RUNNING", "", None), "10": ("PENDING", "", None),
+                    "11": ("PENDING", "", None), "12": ("FAILED", "signal 11", -11),
+                    "13": ("RUNNING", "state WEIRD", None)}
+        for job_id, info in expected.items():
+            with self.subTest(job_id=job_id):
+                self.assertEqual(rows[job_id], JobInfo(*info))
+
+    def test_options(self):
+        ex = FluxExecutor()
+        self.assertEqual(ex.dependency_options(["1", "2", "1"]), {"dependency": ["afterany:1", "afterany:2"]})
+        self.assertEqual(ex.delay_options(30), {"begin_time": "+30s"})
+        self.assertEqual(ex.element_id("77", 3), "77")
+
+
+class TestFormats(unittest.TestCase):
+    """Walltime and memory formats per scheduler."""
+
+    def test_time_formats(self):
+        self.assertEqual(reflow._flux_duration(90), "90s")
+        self.assertEqual(reflow._flux_duration(1800), "30m")
+        self.assertEqual(reflow._flux_duration(7200), "2h")
+        self.assertEqual(reflow._flux_duration(86400), "1d")
+        self.assertEqual(reflow._mem_mib("4G"), 4096)
+        self.assertEqual(reflow._mem_mib("1.5G"), 1536)
+        self.assertEqual(reflow._mem_mib("100"), 100)
+
+    def test_mail_letters(self):
+        self.assertEqual(reflow._mail_letters("END,FAIL", reflow._PBS_MAIL, "pbs"), "ea")
+        self.assertEqual(reflow._mail_letters(["BEGIN", "END"], reflow._SGE_MAIL, "sge"), "be")
+        self.assertEqual(reflow._mail_letters("abe", reflow._PBS_MAIL, "pbs"), "abe")
+        with self.assertRaisesRegex(ExecutorError, "'SOMETIMES'"):
+            reflow._mail_letters("SOMETIMES", reflow._PBS_MAIL, "pbs")
+
+    def test_signal_spec(self):
+        self.assertEqual(reflow._parse_signal_spec("B:USR1@60"), ("USR1", 60))
+        self.assertEqual(reflow._parse_signal_spec("SIGINT@90"), ("INT", 90))
+        self.assertEqual(reflow._parse_signal_spec("TERM"), ("TERM", 60))
+        with self.assertRaises(ExecutorError):
+            reflow._parse_signal_spec("USR1@soon")
+
+
+# =============================================================================
+# (b) Command building against fake scheduler commands
+# =============================================================================
+
+_FAKE = r'''#!{python}
+import json, os, sys
+d = os.environ["REFLOW_FAKE_DIR"]
+name = os.path.basename(sys.argv[0])
+sub = sys.argv[1] if len(sys.argv) > 1 else ""
+stdin = sys.stdin.read()
+with open(os.path.join(d, "calls.jsonl"), "a") as f:
+    f.write(json.dumps({{"name": name, "argv": sys.argv[1:], "stdin": stdin}}) + "\n")
+for stem in (name + "-" + sub, name):
+    path = os.path.join(d, stem + ".json")
+    if os.path.exists(path):
+        answers = json.load(open(path))
+        counter = os.path.join(d, stem + ".count")
+        n = int(open(counter).read()) if os.path.exists(counter) else 0
+        open(counter, "w").write(str(n + 1))
+        answer = answers[min(n, len(answers) - 1)]
+        sys.stdout.write(answer.get("stdout", ""))
+        sys.stderr.write(answer.get("stderr", ""))
+        sys.exit(answer.get("rc", 0))
+'''
+
+
+class FakeSchedulerCase(unittest.TestCase):
+    """Put fake scheduler commands first on PATH; each records its argv and stdin."""
+
+    COMMANDS = ("sbatch", "scancel", "sacct", "squeue", "qsub", "qdel", "qstat", "qacct", "bsub", "bkill", "bjobs",
+                "flux")
+
+    def setUp(self):
+        self.tmp = Path(tempfile.mkdtemp(prefix="reflow-fake-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.bin = self.tmp / "bin"
+        self.bin.mkdir()
+        for name in self.COMMANDS:
+            path = self.bin / name
+            path.write_text(_FAKE.format(python=sys.executable))
+            path.chmod(0o755)
+        self.work = self.tmp / "work dir"
+        self.work.mkdir()
+        patch = {"PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}", "REFLOW_FAKE_DIR": str(self.tmp),
+                 "REFLOW_SCHED_RETRIES": "2", "REFLOW_SCHED_BACKOFF": "0", "USER": "alice"}
+        saved = {key: os.environ.get(key) for key in patch}
+        os.environ.update(patch)
+        self.addCleanup(_restore_env, saved)
+
+    def answer(self, stem, *answers):
+        """Make the fake ``stem`` (``qstat`` or ``flux-jobs``) print these answers in turn."""
+        (self.tmp / f"{stem}.json").write_text(json.dumps(list(answers)))
+
+    def calls(self, name=None):
+        path = self.tmp / "calls.jsonl"
+        calls = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return [c for c in calls if name is None or c["name"] == name]
+
+    def resources(self, **changes):
+        values = dict(job_name="wf-task", cpus=4, time_limit="1-02:03:04", mem="3G",
+                      output_path=str(self.work / "logs" / "t-{job_id}_{array_index}.out"),
+                      error_path=str(self.work / "logs" / "t-{job_id}_{array_index}.err"),
+                      workdir=str(self.work), env={"REFLOW_X": "1"}, gpus=0,
+                      submit_options={"partition": "short", "account": "proj"})
+        values.update(changes)
+        return JobResources(**values)
+
+    def assertFlags(self, argv, *pairs):
+        """Assert each (flag, value) appears as adjacent words (or ``flag=value``) in argv."""
+        for flag, value in pairs:
+            adjacent = any(argv[i] == flag and argv[i + 1] == value for i in range(len(argv) - 1))
+            self.assertTrue(adjacent or f"{flag}={value}" in argv, f"{flag} {value!r} not in {argv}")
+
+    def run_script(self, text, env=None):
+        """Run a generated script in a sandbox; fail if a hostile value executed."""
+        sandbox = self.tmp / "sandbox"
+        sandbox.mkdir(exist_ok=True)
+        script = sandbox / "job.sh"
+        script.write_text(text)
+        proc = subprocess.run(["sh", str(script)], cwd=sandbox, capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, PBS_O_WORKDIR=str(sandbox), **(env or {})))
+        self.assertFalse(list(sandbox.glob("pwned*")) + list(self.work.glob("pwned*")), "a hostile value ran")
+        return proc
+
+
+def _restore_env(saved):
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _printf_command():
+    return ["printf", "<%s>\n", *HOSTILE]
+
+
+def _expected_printf():
+    return "".join(f"<{word}>\n" for word in HOSTILE)
+
+
+class TestSlurmCommands(FakeSchedulerCase):
+    def test_submit_maps_every_resource(self):
+        self.answer("sbatch", {"stdout": "Info: ok\n4242;ci\n"})
+        ex = SlurmExecutor.from_environment()
+        options = {"partition": "short", "account": "proj", "qos": "high", "mail_user": "a@b.c",
+                   "mail_type": ["END", "FAIL"], "signal": "B:USR1@60", "exclusive": True, "requeue": False,
+                   "constraint": None, "gres": ["tmp:10", "foo:1"], "-x": "node1"}
+        job = ex.submit(self.resources(array="0-9%3", gpus=2, submit_options=options), ["python3", "flow.py"])
+        self.assertEqual(job, "4242")
+        argv = self.calls("sbatch")[0]["argv"]
+        self.assertEqual(argv[0], "--parsable")
+        self.assertFlags(argv, ("--job-name", "wf-task"), ("--cpus-per-task", "4"), ("--mem", "3072M"),
+                         ("--time", "1-02:03:04"), ("--array", "0-9%3"), ("--gpus", "2"),
+                         ("--output", str(self.work / "logs" / "t-%A_%a.out")),
+                         ("--error", str(self.work / "logs" / "t-%A_%a.err")), ("--chdir", str(self.work)),
+                         ("--partition", "short"), ("--account", "proj"), ("--qos", "high"),
+                         ("--mail-user", "a@b.c"), ("--mail-type", "END,FAIL"), ("--signal", "B:USR1@60"),
+                         ("--gres", "tmp:10"), ("--gres", "foo:1"), ("-x", "node1"))
+        self.assertIn("--exclusive", argv)
+        self.assertFalse([a for a in argv if a.startswith(("--requeue", "--constraint"))])
+        self.assertEqual(argv[-2], "--wrap")
+
+    def test_singleton_tokens_time_and_percent(self):
+        self.answer("sbatch", {"stdout": "7\n"})
+        ex = SlurmExecutor()
+        ex.submit(self.resources(time_limit="90", output_path="/l/100%-{job_id}{array_index}.out", error_path=None,
+                                 submit_options={"queue": "q", "project": "p"}), ["true"])
+        argv = self.calls("sbatch")[0]["argv"]
+        self.assertFlags(argv, ("--time", "01:30:00"), ("--output", "/l/100%%-%j.out"), ("--partition", "q"),
+                         ("--account", "p"))
+        self.assertFalse([a for a in argv if a.startswith("--error")])
+
+    def test_wrap_quotes_hostile_values(self):
+        self.answer("sbatch", {"stdout": "8\n"})
+        env = {f"V{i}": word for i, word in enumerate(HOSTILE)}
+        SlurmExecutor().submit(self.resources(env=env), _printf_command())
+        wrap = self.calls("sbatch")[0]["argv"][-1]
+        self.assertFalse([line for line in wrap.splitlines() if line.startswith("#")])
+        probe = "\n".join(f'printf "<%s>\\n" "$V{i}"' for i in range(len(HOSTILE)))
+        proc = self.run_script(wrap.replace("exec printf", probe + "\nprintf", 1))
+        self.assertEqual(proc.stdout, _expected_printf() * 2)
+
+    def test_errors_and_retries(self):
+        self.answer("sbatch", {"rc": 1, "stderr": "sbatch: error: Batch job submission failed: Socket timed out on "
+                                                  "send/recv operation\n"}, {"stdout": "9\n"})
+        self.assertEqual(SlurmExecutor().submit(self.resources(), ["true"]), "9")
+        self.assertEqual(len(self.calls("sbatch")), 2)
+        self.answer("sbatch", {"rc": 1, "stderr": "sbatch: error: Batch job submission failed: Invalid account or "
+                                                  "account/partition combination specified\n"})
+        (self.tmp / "sbatch.count").unlink()
+        with self.assertRaisesRegex(ExecutorError, "Invalid account"):
+            SlurmExecutor().submit(self.resources(), ["true"])
+        self.answer("sbatch", {"stdout": "garbage\n"})
+        (self.tmp / "sbatch.count").unlink()
+        with self.assertRaisesRegex(ExecutorError, "garbage"):
+            SlurmExecutor().submit(self.resources(), ["true"])
+
+    def test_job_infos_one_sacct_then_squeue(self):
+        self.answer("sacct", {"stdout": "10|COMPLETED|0:0|None\n11_0|FAILED|3:0|None\n11_[1-2]|PENDING|0:0|None\n"})
+        self.answer("squeue", {"stdout": "11_1|RUNNING|None\n11_2|PENDING|Priority\n"
+                                         "12|PENDING|DependencyNeverSatisfied\n"})
+        infos = SlurmExecutor().job_infos(["10", "11_0", "11_1", "11_2", "11", "12", "13", "DRYRUN", "10"])
+        self.assertEqual(self.calls("sacct")[0]["argv"],
+                         ["-X", "-n", "-P", "-j", "10,11,12,13", "-o", "JobID,State,ExitCode,Reason"])
+        self.assertEqual(self.calls("squeue")[0]["argv"], ["-h", "-t", "all", "-j", "11,12,13", "-O",
+                                                           "JobArrayID:|,State:|,Reason:|,exit_code:|"])
+        self.assertEqual(infos["10"].state, "COMPLETED")
+        self.assertEqual(infos["11_0"], JobInfo("FAILED", "exit 3", 3))
+        self.assertEqual(infos["11_1"].state, "RUNNING")
+        self.assertEqual(infos["11_2"], JobInfo("PENDING", "Priority"))
+        self.assertEqual(infos["11"].state, "RUNNING")
+        self.assertEqual(infos["12"].reason, "DEPENDENCY_NEVER_SATISFIED")
+        self.assertNotIn("13", infos)
+        self.assertEqual(SlurmExecutor().job_state("10"), "COMPLETED")
+
+    def test_old_squeue_without_exit_code_field(self):
+        self.answer("sacct", {"stdout": ""})
+        self.answer("squeue", {"rc": 1, "stderr": "squeue: error: Invalid job format specification: exit_code\n"},
+                    {"stdout": "5|RUNNING|None\n"})
+        self.assertEqual(SlurmExecutor().job_infos(["5"]), {"5": JobInfo("RUNNING")})
+        self.assertEqual(self.calls("squeue")[1]["argv"][-2:], ["-o", "%i|%T|%r"])
+
+    def test_job_infos_without_accounting(self):
+        self.answer("sacct", {"rc": 1, "stderr": "sacct: error: Slurm accounting storage is disabled\n"})
+        self.answer("squeue", {"rc": 1, "stderr": "slurm_load_jobs error: Invalid job id specified\n"})
+        self.assertEqual(SlurmExecutor().job_infos(["5"]), {})
+        self.assertEqual(len(self.calls("sacct")), 1)  # permanent: no retry
+
+    def test_cancel_find_dry_run(self):
+        self.answer("scancel", {"rc": 1, "stderr": "scancel: error: Kill job error on job id 5: Invalid job id "
+                                                   "specified\nscancel: error: Kill job error on job id 6_1: "
+                                                   "Job/step already completing or completed\n"})
+        SlurmExecutor().cancel_many(["5", "6_1", "5", "DRYRUN"])
+        self.assertEqual(self.calls("scancel")[0]["argv"], ["5", "6_1"])
+        self.answer("scancel", {"rc": 1, "stderr": "scancel: error: Access/permission denied\n"})
+        (self.tmp / "scancel.count").unlink()
+        with self.assertRaisesRegex(ExecutorError, "permission denied"):
+            SlurmExecutor().cancel("7")
+        self.answer("squeue", {"stdout": "20|wf-a\n21_[3-4]|wf-arr\n21_1|wf-arr\n22|other\n"})
+        self.assertEqual(SlurmExecutor().find_jobs("wf-"), {"wf-a": ["20"], "wf-arr": ["21"]})
+        self.assertEqual(self.calls("squeue")[-1]["argv"], ["-h", "-u", "alice", "-o", "%i|%j"])
+        self.assertEqual(SlurmExecutor(mode="dry-run").submit(self.resources(), ["true"]), "DRYRUN")
+        self.assertEqual(len(self.calls("sbatch")), 0)
+
+    def test_from_environment_and_describe(self):
+        with _env(REFLOW_SBATCH="/opt/sbatch", REFLOW_MAX_ARRAY_SIZE="5000"):
+            ex = SlurmExecutor.from_environment()
+        self.assertEqual(ex.sbatch, "/opt/sbatch")
+        self.assertEqual(ex.max_array_size, 5000)
+        self.assertEqual(ex.describe()["binaries"],
+                         {"sbatch": "/opt/sbatch", "scancel": "scancel", "sacct": "sacct", "squeue": "squeue"})
+
+        class FakeConfig:
+            def executor_binary(self, name):
+                return {"scancel": "/cfg/scancel"}.get(name, name)
+
+            def get(self, key, default=None):
+                return {"executor.max_array_size": 77}.get(key, default)
+
+        ex = SlurmExecutor.from_environment(FakeConfig())
+        self.assertEqual((ex.scancel, ex.max_array_size), ("/cfg/scancel", 77))
+
+
+class TestPBSCommands(FakeSchedulerCase):
+    def test_submit_pbs_pro(self):
+        self.answer("qstat-" + "--version", {"stdout": "pbs_version = 2022.1.1\n"})
+        self.answer("qsub", {"stdout": "123[].srv\n"})
+        ex = PBSExecutor.from_environment()
+        options = {"queue": "workq", "account": "acct", "project": "P1", "mail_user": "a@b.c",
+                   "mail_type": "END,FAIL", "place": "scatter", "resources": ["software=x"], "-r": "n",
+                   "priority": 5}
+        ids = ex.submit_array(self.resources(gpus=1, submit_options=options), ["python3", "flow.py"], 4, 2)
+        self.assertEqual(ids, ["123[0].srv", "123[1].srv", "123[2].srv", "123[3].srv"])
+        argv = self.calls("qsub")[0]["argv"]
+        self.assertFlags(argv, ("-l", "select=1:ncpus=4:mem=3072mb:ngpus=1"), ("-l", "walltime=26:03:04"),
+                         ("-N", "wf-task"), ("-J", "0-3%2"), ("-o", "/dev/null"), ("-e", "/dev/null"),
+                         ("-q", "workq"), ("-A", "acct"), ("-P", "P1"), ("-M", "a@b.c"), ("-m", "ea"),
+                         ("-l", "place=scatter"), ("-l", "software=x"), ("-r", "n"), ("-p", "5"))
+        self.assertIn("-V", argv)
+        script = Path(argv[-1])
+        self.assertEqual(script.parent, self.work / ".reflow" / "jobs")
+        self.assertEqual(script.stat().st_mode & 0o777, 0o700)
+        text = script.read_text()
+        self.assertIn(f"cd '{self.work}' || exit 1", text)
+        self.assertIn('"${PBS_ARRAY_ID:-$PBS_JOBID}"', text)
+        self.assertIn('"${PBS_ARRAY_INDEX:-${PBS_ARRAYID:-}}"', text)
+        self.assertEqual(len(self.calls("qstat")), 1)  # flavour detected once
+        ex.submit(self.resources(), ["true"])
+        self.assertEqual(len(self.calls("qstat")), 1)
+
+    def test_one_element_array_is_a_plain_job(self):
+        self.answer("qsub", {"stdout": "77.srv\n"})
+        ex = PBSExecutor(array_flag="-J")
+        self.assertEqual(ex.submit_array(self.resources(), ["true"], 1), ["77.srv"])
+        argv = self.calls("qsub")[0]["argv"]
+        self.assertNotIn("-J", argv)
+        self.assertIn("export PBS_ARRAY_INDEX=0", Path(argv[-1]).read_text())
+
+    def test_torque_flags(self):
+        self.answer("qstat-" + "--version", {"stdout": "Version: 6.1.3\n"})
+        self.answer("qsub", {"stdout": "5[].torque\n"})
+        ex = PBSExecutor()
+        ex.submit(self.resources(array="0-4", gpus=2, submit_options={"qos": "hi"}), ["true"])
+        argv = self.calls("qsub")[0]["argv"]
+        self.assertFlags(argv, ("-l", "nodes=1:ppn=4:gpus=2"), ("-l", "mem=3072mb"), ("-t", "0-4"), ("-l", "qos=hi"))
+
+    def test_script_quotes_hostile_values(self):
+        self.answer("qsub", {"stdout": "1.srv\n"})
+        env = {f"V{i}": word for i, word in enumerate(HOSTILE)}
+        PBSExecutor(array_flag="-J").submit(self.resources(env=env, workdir=None, output_path=None, error_path=None),
+                                            _printf_command())
+        text = Path(self.calls("qsub")[0]["argv"][-1]).read_text()
+        self.assertEqual([line for line in text.splitlines() if line.startswith("#")],
+                         ["#!/bin/sh", "# reflow pbs job script"])
+        probe = "\n".join(f'printf "<%s>\\n" "$V{i}"' for i in range(len(HOSTILE)))
+        proc = self.run_script(text.replace("exec printf", probe + "\nprintf", 1))
+        self.assertEqual(proc.stdout, _expected_printf() * 2)
+
+    def test_redirection_runs(self):
+        self.answer("qsub", {"stdout": "1.srv\n"})
+        logs = self.tmp / "sandbox" / "l o g s"
+        logs.mkdir(parents=True)
+        PBSExecutor(array_flag="-J").submit(self.resources(
+            array="3-5", workdir=None, output_path=str(logs / "x-{job_id}_{array_index}.out"), error_path=None),
+            ["sh", "-c", "echo out; echo err >&2"])
+        text = Path(self.calls("qsub")[0]["argv"][-1]).read_text()
+        self.run_script(text, {"PBS_ARRAY_ID": "9[].srv", "PBS_ARRAY_INDEX": "4"})
+        self.assertEqual((logs / "x-9[].srv_4.out").read_text(), "out\nerr\n")
+
+    def test_strict_options(self):
+        ex = PBSExecutor(array_flag="-J")
+        for options, pattern in [({"partitoin": "x"}, "'partitoin'.*Did you mean 'partition'"),
+                                 ({"signal": "USR1@60"}, "'signal'"), ({"qos": "hi"}, "'qos'"),
+                                 ({"mail_type": "SOMETIMES"}, "'SOMETIMES'")]:
+            with self.subTest(options=options), self.assertRaisesRegex(ExecutorError, pattern):
+                ex.submit(self.resources(submit_options=options), ["true"])
+        self.assertEqual(self.calls("qsub"), [])
+
+    def test_job_infos_and_cancel(self):
+        data = {"Jobs": {"1.srv": {"job_state": "F", "Exit_status": 0},
+                         "2[].srv": {"job_state": "F"}, "2[0].srv": {"job_state": "X", "Exit_status": 0},
+                         "2[1].srv": {"job_state": "X", "Exit_status": 3}, "3.srv": {"job_state": "R"}}}
+        self.answer("qstat", {"rc": 153, "stdout": json.dumps(data), "stderr": "qstat: Unknown Job Id 4.srv\n"})
+        infos = PBSExecutor(array_flag="-J").job_infos(["1.srv", "2[0].srv", "2[1].srv", "2[].srv", "3.srv", "4.srv"])
+        self.assertEqual(self.calls("qstat")[0]["argv"], ["-f", "-F", "json", "-x", "-t", "1.srv", "2[].srv",
+                                                          "3.srv", "4.srv"])
+        self.assertEqual(infos["1.srv"].state, "COMPLETED")
+        self.assertEqual(infos["2[1].srv"], JobInfo("FAILED", "exit 3", 3))
+        self.assertEqual(infos["2[].srv"], JobInfo("FAILED", "exit 3", 3))
+        self.assertEqual(infos["3.srv"].state, "RUNNING")
+        self.assertNotIn("4.srv", infos)
+        self.answer("qdel", {"rc": 35, "stderr": "qdel: Job has finished 1.srv\nqdel: Unknown Job Id 4.srv\n"})
+        PBSExecutor(array_flag="-J").cancel_many(["1.srv", "4.srv"])
+        self.assertEqual(self.calls("qdel")[0]["argv"], ["1.srv", "4.srv"])
+
+    def test_transient_exit_codes(self):
+        self.answer("qsub", {"rc": 162, "stderr": "qsub: system error\n"}, {"rc": 183, "stderr": "x\n"},
+                    {"stdout": "9.srv\n"})
+        self.assertEqual(PBSExecutor(array_flag="-J").submit(self.resources(), ["true"]), "9.srv")
+        self.assertEqual(len(self.calls("qsub")), 3)
+        self.answer("qstat", {"rc": 1, "stderr": "qstat: Unauthorized Request\n"})
+        with self.assertRaisesRegex(ExecutorError, "Unauthorized"):
+            PBSExecutor(array_flag="-J").job_infos(["1.srv"])
+
+    def test_find_jobs(self):
+        data = {"Jobs": {"1.srv": {"Job_Name": "wf-a", "Job_Owner": "alice@login", "job_state": "R"},
+                         "2[].srv": {"Job_Name": "wf-b", "Job_Owner": "alice@login", "job_state": "B"},
+                         "3.srv": {"Job_Name": "wf-c", "Job_Owner": "bob@login", "job_state": "Q"}}}
+        self.answer("qstat", {"stdout": json.dumps(data)})
+        self.assertEqual(PBSExecutor(array_flag="-J").find_jobs("wf-"), {"wf-a": ["1.srv"], "wf-b": ["2[].srv"]})
+
+
+class TestLSFCommands(FakeSchedulerCase):
+    def test_submit_maps_every_resource(self):
+        self.answer("bsub", {"stdout": "Job <314> is submitted to queue <normal>.\n"})
+        options = {"queue": "normal", "account": "proj", "group": "grp", "mail_user": "a@b.c",
+                   "mail_type": "BEGIN,END", "signal": "B:USR1@90", "resources": "select[type==X86_64]",
+                   "-app": "big"}
+        ids = LSFExecutor.from_environment().submit_array(
+            self.resources(gpus=1, time_limit="00:30:01", submit_options=options), ["python3", "flow.py"], 3, 2)
+        self.assertEqual(ids, ["314[1]", "314[2]", "314[3]"])
+        call = self.calls("bsub")[0]
+        argv = call["argv"]
+        self.assertFlags(argv, ("-J", "wf-task[1-3]%2"), ("-n", "4"), ("-R", "span[hosts=1] rusage[mem=3072MB]"),
+                         ("-M", "3072MB"), ("-W", "0:31"), ("-gpu", "num=1"),
+                         ("-o", str(self.work / "logs" / "t-%J_%I.out")),
+                         ("-e", str(self.work / "logs" / "t-%J_%I.err")),
+                         ("-cwd", str(self.work)), ("-q", "normal"), ("-P", "proj"), ("-G", "grp"), ("-u", "a@b.c"),
+                         ("-wa", "USR1"), ("-wt", "2"), ("-R", "select[type==X86_64]"), ("-app", "big"))
+        self.assertIn("-B", argv)
+        self.assertIn("-N", argv)
+        self.assertTrue(call["stdin"].startswith("#!/bin/sh\n"))
+        self.assertIn("exec python3 flow.py", call["stdin"])
+
+    def test_array_must_start_at_one(self):
+        with self.assertRaisesRegex(ExecutorError, "must start at 1"):
+            LSFExecutor().submit(self.resources(array="0-3"), ["true"])
+        with self.assertRaisesRegex(ExecutorError, "must start at 1"):
+            SGEExecutor().submit(self.resources(array="0-3"), ["true"])
+
+    def test_walltime_rounds_up_to_hours_and_minutes(self):
+        self.answer("bsub", {"stdout": "Job <1> is submitted to default queue <normal>.\n"})
+        LSFExecutor().submit(self.resources(time_limit="1-00:00:30", output_path="/l/{job_id}{array_index}.o",
+                                            error_path=None, submit_options=None), ["true"])
+        argv = self.calls("bsub")[0]["argv"]
+        self.assertFlags(argv, ("-W", "24:01"), ("-o", "/l/%J.o"), ("-J", "wf-task"))
+        self.assertNotIn("-e", argv)
+
+    def test_strict_and_stdin_quoting(self):
+        with self.assertRaisesRegex(ExecutorError, "'qos'"):
+            LSFExecutor().submit(self.resources(submit_options={"qos": "x"}), ["true"])
+        with self.assertRaisesRegex(ExecutorError, "'walltime'"):
+            LSFExecutor().submit(self.resources(submit_options={"walltime": "x"}), ["true"])
+        self.answer("bsub", {"stdout": "Job <2> is submitted to queue <q>.\n"})
+        env = {f"V{i}": word for i, word in enumerate(HOSTILE)}
+        LSFExecutor().submit(self.resources(env=env), _printf_command())
+        text = self.calls("bsub")[0]["stdin"]
+        probe = "\n".join(f'printf "<%s>\\n" "$V{i}"' for i in range(len(HOSTILE)))
+        proc = self.run_script(text.replace("exec printf", probe + "\nprintf", 1))
+        self.assertEqual(proc.stdout, _expected_printf() * 2)
+
+    def test_job_infos_cancel_find(self):
+        records = [{"JOBID": "5", "JOBINDEX": "0", "STAT": "DONE", "EXIT_CODE": "", "EXIT_REASON": "",
+                    "PEND_REASON": ""},
+                   {"JOBID": "6", "JOBINDEX": "1", "STAT": "EXIT", "EXIT_CODE": "2", "EXIT_REASON": "",
+                    "PEND_REASON": ""},
+                   {"JOBID": "6", "JOBINDEX": "2", "STAT": "RUN", "EXIT_CODE": "", "EXIT_REASON": "",
+                    "PEND_REASON": ""}, {"JOBID": "7", "ERROR": "Job <7> is not found"}]
+        self.answer("bjobs", {"rc": 255, "stdout": json.dumps({"COMMAND": "bjobs", "JOBS": 4, "RECORDS": records})})
+        infos = LSFExecutor().job_infos(["5", "6[1]", "6[2]", "6", "7"])
+        self.assertEqual(self.calls("bjobs")[0]["argv"],
+                         ["-a", "-json", "-o", "jobid jobindex stat exit_code exit_reason pend_reason", "5", "6", "7"])
+        self.assertEqual(infos["5"].state, "COMPLETED")
+        self.assertEqual(infos["6[1]"], JobInfo("FAILED", "exit 2", 2))
+        self.assertEqual(infos["6"].state, "RUNNING")
+        self.assertNotIn("7", infos)
+        self.answer("bkill", {"rc": 255, "stdout": "Job <5> is being terminated\n",
+                              "stderr": "Job <6>: Job has already finished\nJob <9>: No matching job found\n"})
+        LSFExecutor().cancel_many(["5", "6[1]", "9"])
+        self.assertEqual(self.calls("bkill")[0]["argv"], ["5", "6[1]", "9"])
+        self.answer("bjobs", {"stdout": json.dumps({"RECORDS": [{"JOBID": "8", "JOB_NAME": "wf-x[3]"},
+                                                                {"JOBID": "8", "JOB_NAME": "wf-x[4]"},
+                                                                {"JOBID": "9", "JOB_NAME": "other"}]})})
+        (self.tmp / "bjobs.count").unlink()
+        self.assertEqual(LSFExecutor().find_jobs("wf-"), {"wf-x": ["8"]})
+
+    def test_empty_255_is_transient(self):
+        self.answer("bsub", {"rc": 255}, {"stdout": "Job <3> is submitted to queue <q>.\n"})
+        self.assertEqual(LSFExecutor().submit(self.resources(), ["true"]), "3")
+        self.assertEqual(len(self.calls("bsub")), 2)
+
+
+class TestSGECommands(FakeSchedulerCase):
+    def test_submit_maps_every_resource(self):
+        self.answer("qsub", {"stdout": "55.1-3:1\n"})
+        options = {"queue": "all.q", "account": "acct", "project": "P", "mail_user": "a@b.c", "mail_type": "END",
+                   "pe": "threads", "resources": ["scratch=1G"], "-notify": True}
+        ids = SGEExecutor.from_environment().submit_array(self.resources(gpus=1, submit_options=options),
+                                                          ["python3", "flow.py"], 3, 2)
+        self.assertEqual(ids, ["55.1", "55.2", "55.3"])
+        argv = self.calls("qsub")[0]["argv"]
+        self.assertEqual(argv[0], "-terse")
+        self.assertFlags(argv, ("-N", "wf-task"), ("-l", "h_rt=26:03:04"), ("-l", "h_vmem=768M"),
+                         ("-wd", str(self.work)), ("-S", "/bin/sh"), ("-l", "gpu=1"), ("-t", "1-3"), ("-tc", "2"),
+                         ("-o", str(self.work / "logs" / "t-$JOB_ID_$TASK_ID.out")),
+                         ("-e", str(self.work / "logs" / "t-$JOB_ID_$TASK_ID.err")), ("-q", "all.q"), ("-A", "acct"),
+                         ("-P", "P"), ("-M", "a@b.c"), ("-m", "e"), ("-l", "scratch=1G"))
+        self.assertEqual(argv[argv.index("-pe") + 1:argv.index("-pe") + 3], ["threads", "4"])
+        self.assertIn("-V", argv)
+        self.assertIn("-notify", argv)
+
+    def test_single_cpu_singleton(self):
+        self.answer("qsub", {"stdout": "56\n"})
+        SGEExecutor().submit(self.resources(cpus=1, workdir=None, error_path=None,
+                                            output_path="o-{job_id}{array_index}.txt", submit_options=None), ["true"])
+        argv = self.calls("qsub")[0]["argv"]
+        self.assertNotIn("-pe", argv)
+        self.assertIn("-cwd", argv)
+        self.assertFlags(argv, ("-o", "o-$JOB_ID.txt"), ("-j", "y"), ("-l", "h_vmem=3072M"))
+
+    def test_strict_options_and_paths(self):
+        for options, pattern in [({"qos": "x"}, "'qos'"), ({"signal": "USR1"}, "'signal'"),
+                                 ({"hold_jd": "1"}, "Did you mean 'hold_jid'")]:
+            with self.subTest(options=options), self.assertRaisesRegex(ExecutorError, pattern):
+                SGEExecutor().submit(self.resources(submit_options=options), ["true"])
+        with self.assertRaisesRegex(ExecutorError, "may not contain"):
+            SGEExecutor().submit(self.resources(output_path="/a:b/x"), ["true"])
+
+    def test_script_quotes_hostile_values(self):
+        self.answer("qsub", {"stdout": "1\n"})
+        env = {f"V{i}": word for i, word in enumerate(HOSTILE)}
+        SGEExecutor().submit(self.resources(env=env), _printf_command())
+        text = Path(self.calls("qsub")[0]["argv"][-1]).read_text()
+        self.assertFalse([line for line in text.splitlines()[2:] if line.startswith("#")])
+        probe = "\n".join(f'printf "<%s>\\n" "$V{i}"' for i in range(len(HOSTILE)))
+        proc = self.run_script(text.replace("exec printf", probe + "\nprintf", 1))
+        self.assertEqual(proc.stdout, _expected_printf() * 2)
+
+    def test_job_infos_qstat_then_qacct(self):
+        self.answer("qstat", {"stdout": TestSGEParsers.QSTAT_XML})
+        self.answer("qacct", {"stdout": "==============================================================\n"
+                                        "jobnumber    130\ntaskid       undefined\nfailed       0\nexit_status  3\n"})
+        infos = SGEExecutor().job_infos(["123.7", "123.9", "123", "124", "125", "130", "123.2"])
+        self.assertEqual(self.calls("qstat")[0]["argv"], ["-xml", "-u", "alice"])
+        self.assertEqual([c["argv"] for c in self.calls("qacct")], [["-j", "130"], ["-j", "123"]])
+        self.assertEqual(infos["123.7"].state, "RUNNING")
+        self.assertEqual(infos["123.9"].state, "PENDING")
+        self.assertEqual(infos["123"].state, "RUNNING")
+        self.assertEqual(infos["124"].state, "PENDING")
+        self.assertEqual(infos["125"].state, "FAILED")
+        self.assertEqual(infos["130"], JobInfo("FAILED", "exit 3", 3))
+        self.assertNotIn("123.2", infos)
+
+    def test_cancel_and_find(self):
+        self.answer("qdel", {"rc": 1, "stdout": 'alice has registered the job 5 for deletion\n'
+                                                'denied: job "6" does not exist\n'})
+        SGEExecutor().cancel_many(["5", "6", "7.2"])
+        self.assertEqual(self.calls("qdel")[0]["argv"], ["5,6,7.2"])
+        self.answer("qstat", {"stdout": TestSGEParsers.QSTAT_XML})
+        self.assertEqual(SGEExecutor().find_jobs("wf-"), {"wf-a&b": ["123"]})
+
+
+class TestFluxCommands(FakeSchedulerCase):
+    def test_submit_array_maps_every_resource(self):
+        ids = [1000, 1001, 1002]
+        self.answer("flux-submit", {"stdout": "".join(reflow._flux_f58(n).replace("f", "ƒ", 1) + "\n" for n in ids)})
+        options = {"queue": "batch", "account": "bank1", "signal": "B:USR1@60", "setattr": ["a=1", "b=2"],
+                   "exclusive": True, "urgency": None}
+        got = FluxExecutor.from_environment().submit_array(
+            self.resources(gpus=1, time_limit="00:30:00", submit_options=options), ["python3", "flow.py"], 3, 2)
+        self.assertEqual(got, ["1000", "1001", "1002"])
+        argv = self.calls("flux")[0]["argv"]
+        self.assertEqual(argv[0], "submit")
+        self.assertFlags(argv, ("--job-name", "wf-task"), ("-n", "1"), ("-c", "4"), ("-t", "30m"), ("-g", "1"),
+                         ("--cc", "0-2"), ("--output", str(self.work / "logs" / "t-{{id.dec}}_{cc}.out")),
+                         ("--error", str(self.work / "logs" / "t-{{id.dec}}_{cc}.err")), ("--cwd", str(self.work)),
+                         ("-q", "batch"), ("-B", "bank1"), ("--signal", "SIGUSR1@60s"), ("--setattr", "a=1"),
+                         ("--setattr", "b=2"))
+        self.assertIn("--exclusive", argv)
+        self.assertTrue(os.access(argv[-1], os.X_OK))
+
+    def test_singleton_dependency_and_errors(self):
+        self.answer("flux-submit", {"stdout": "f2\n"})
+        ex = FluxExecutor()
+        self.assertEqual(ex.submit(self.resources(submit_options=ex.dependency_options(["5", "6"], "afterok")),
+                                   ["true"]), "1")
+        argv = self.calls("flux")[0]["argv"]
+        self.assertIn("--dependency=afterok:5", argv)
+        self.assertIn("--dependency=afterok:6", argv)
+        for options, pattern in [({"qos": "x"}, "'qos'"), ({"mail_user": "x@y"}, "'mail_user'")]:
+            with self.subTest(options=options), self.assertRaisesRegex(ExecutorError, pattern):
+                ex.submit(self.resources(submit_options=options), ["true"])
+        self.answer("flux-submit", {"stdout": "f2\n"})
+        with self.assertRaisesRegex(ExecutorError, "printed 1 ids, expected 2"):
+            ex.submit_array(self.resources(), ["true"], 2)
+
+    def test_job_infos_cancel_find(self):
+        self.answer("flux-jobs", {"rc": 1, "stdout": "1000|INACTIVE|COMPLETED|0|\n1001|RUN|||\n",
+                                  "stderr": "flux-jobs: ERROR: 999: unknown job id\n"})
+        infos = FluxExecutor().job_infos(["1000", reflow._flux_f58(1001), "999"])
+        argv = self.calls("flux")[0]["argv"]
+        self.assertEqual(argv[:4], ["jobs", "-a", "-n", "-o"])
+        self.assertEqual(argv[5:], ["1000", reflow._flux_f58(1001), "999"])
+        self.assertEqual(infos["1000"].state, "COMPLETED")
+        self.assertEqual(infos[reflow._flux_f58(1001)].state, "RUNNING")
+        self.assertNotIn("999", infos)
+        self.answer("flux-cancel", {"rc": 1, "stderr": "flux-cancel: ERROR: f2: job is inactive\n"})
+        FluxExecutor().cancel_many(["1", "2"])
+        self.assertEqual(self.calls("flux")[-1]["argv"], ["cancel", "1", "2"])
+        (self.tmp / "flux-jobs.count").unlink()
+        self.answer("flux-jobs", {"stdout": "1000|wf-a\n1001|wf-a\n1002|zzz\n"})
+        self.assertEqual(FluxExecutor().find_jobs("wf-"), {"wf-a": ["1000", "1001"]})
+
+    def test_script_quotes_hostile_values(self):
+        self.answer("flux-submit", {"stdout": "f2\n"})
+        env = {f"V{i}": word for i, word in enumerate(HOSTILE)}
+        FluxExecutor().submit(self.resources(env=env), _printf_command())
+        text = Path(self.calls("flux")[0]["argv"][-1]).read_text()
+        probe = "\n".join(f'printf "<%s>\\n" "$V{i}"' for i in range(len(HOSTILE)))
+        proc = self.run_script(text.replace("exec printf", probe + "\nprintf", 1))
+        self.assertEqual(proc.stdout, _expected_printf() * 2)
+
+
+# =============================================================================
+# (c, d) Live runs: real Slurm and Grid Engine, PBS/LSF/Flux emulators
+# =============================================================================
+
+
+def _works(argv, env=None):
+    """Tell whether a probe command runs and exits 0 within 15 s."""
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=15, env=env).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+class LiveSchedulerMixin:
+    """The same short scenarios against every live scheduler (each test < 30 s)."""
+
+    #: argv that exits 0 when the scheduler answers.
+    PROBE = ()
+    #: Extra environment for the scheduler commands (emulator state dir, SGE cell).
+    ENV = {}
+    #: Walltime for the walltime-kill test in seconds; None skips it (Slurm's minimum is a minute).
+    WALLTIME = None
+    #: How long to wait for jobs to finish.
+    TIMEOUT = 25
+    #: JobInfo of a job whose afterok dependency failed; None skips the test.
+    NEVER = JobInfo("FAILED", "DEPENDENCY_NEVER_SATISFIED")
+    #: Emulator ``fail_code`` knobs whose transient failures submit must survive.
+    FAULTS = ()
+    #: Whether a begin time a few seconds ahead is honoured quickly.
+    DELAY = True
+
+    @classmethod
+    def setUpClass(cls):
+        cls._saved_env = {key: os.environ.get(key) for key in cls.ENV}
+        os.environ.update(cls.live_env())
+        if not cls.PROBE or not _works(cls.PROBE):
+            _restore_env(cls._saved_env)
+            message = f"{cls.__name__}: scheduler not available ({' '.join(cls.PROBE) or 'no probe'})"
+            if os.environ.get("CI") == "true":
+                raise AssertionError(message)
+            raise unittest.SkipTest(message)
+
+    @classmethod
+    def tearDownClass(cls):
+        _restore_env(cls._saved_env)
+
+    @classmethod
+    def live_env(cls):
+        return dict(cls.ENV)
+
+    def setUp(self):
+        self.work = Path(tempfile.mkdtemp(prefix=f"reflow-live-{self.executor().name}-", dir="/tmp"))
+        os.chmod(self.work, 0o755)
+        self.addCleanup(shutil.rmtree, self.work, True)
+        self.tag = f"rfl{os.getpid() % 10000}{int(time.time() * 1000) % 100000}"
+        self.submitted = []
+        self.addCleanup(self._cancel_leftovers)
+
+    def _cancel_leftovers(self):
+        with contextlib.suppress(Exception):
+            self.executor().cancel_many(self.submitted)
+
+    def executor(self):
+        raise NotImplementedError
+
+    def res(self, name, **changes):
+        values = dict(job_name=f"{self.tag}-{name}", cpus=1, time_limit="00:02:00", mem="200M",
+                      output_path=str(self.work / "logs" / f"{name}-{{job_id}}_{{array_index}}.out"),
+                      error_path=str(self.work / "logs" / f"{name}-{{job_id}}_{{array_index}}.err"),
+                      workdir=str(self.work), env={"RFL_VALUE": "a b $(touch pwned) 'q' \"d\"\n#$ -N x"})
+        (self.work / "logs").mkdir(exist_ok=True)
+        values.update(changes)
+        return JobResources(**values)
+
+    def submit(self, resources, script):
+        job_id = self.executor().submit(resources, ["sh", "-c", script])
+        self.submitted.append(job_id)
+        return job_id
+
+    def wait(self, job_ids, timeout=None, until=reflow.FINAL_JOB_STATES):
+        """Poll job_infos (one call per round) until every id reaches ``until``."""
+        deadline = time.time() + (timeout or self.TIMEOUT)
+        infos = {}
+        while time.time() < deadline:
+            infos = self.executor().job_infos(job_ids)
+            if all(j in infos and infos[j].state in until for j in job_ids):
+                return infos
+            time.sleep(0.5)
+        self.fail(f"jobs did not reach {sorted(until)} in time: {infos}")
+
+    def test_singleton_completes_with_env_workdir_and_logs(self):
+        job = self.submit(self.res("one"), 'printf "%s" "$RFL_VALUE" > value.txt; pwd > pwd.txt; echo hello; '
+                                           'echo oops >&2; test "$REFLOW_JOB" = 1')
+        info = self.wait([job])[job]
+        self.assertEqual(info.state, "COMPLETED", info)
+        self.assertEqual((self.work / "value.txt").read_text(), "a b $(touch pwned) 'q' \"d\"\n#$ -N x")
+        self.assertEqual(Path((self.work / "pwd.txt").read_text().strip()).resolve(), self.work.resolve())
+        self.assertFalse(list(self.work.glob("pwned")))
+        outs = self._logs("one", ".out")
+        self.assertEqual([p.name for p in outs], [f"one-{job}_.out"])
+        self.assertIn("hello", outs[0].read_text())
+        self.assertIn("oops", self._logs("one", ".err")[0].read_text())
+        self.assertEqual(self.executor().job_state(job), "COMPLETED")
+
+    def _logs(self, name, suffix):
+        """Return the log files of a job, waiting a moment for schedulers that copy them at the end."""
+        for _ in range(20):
+            found = sorted((self.work / "logs").glob(f"{name}-*{suffix}"))
+            if found:
+                return found
+            time.sleep(0.25)
+        return []
+
+    def test_array_with_throttle(self):
+        ex = self.executor()
+        var = ex.array_index_env_var
+        ids = ex.submit_array(self.res("arr"), ["sh", "-c", f'echo "$RFL_VALUE" > "idx_${{{var}}}"; sleep 1'], 5, 2)
+        self.submitted += ids
+        self.assertEqual(len(ids), 5)
+        infos = self.wait(ids)
+        self.assertEqual([infos[j].state for j in ids], ["COMPLETED"] * 5, infos)
+        base = ex.array_base
+        self.assertEqual(sorted(p.name for p in self.work.glob("idx_*")), sorted(f"idx_{base + i}" for i in range(5)))
+        expected = sorted(f"arr-{ex._master_id(j)}_{base + k}.out" for k, j in enumerate(ids))
+        for _ in range(20):  # PBS copies logs at the end, others may lag
+            if [p.name for p in self._logs("arr", ".out")] == expected:
+                break
+            time.sleep(0.25)
+        self.assertEqual([p.name for p in self._logs("arr", ".out")], expected)
+
+    def test_dependency_chain_and_failure(self):
+        ex = self.executor()
+        first = self.submit(self.res("a"), "sleep 2; touch a.done")
+        second = self.submit(self.res("b", submit_options=ex.dependency_options([first], "afterany")),
+                             "test -e a.done && touch b.done")
+        bad = self.submit(self.res("bad", submit_options=ex.dependency_options([second], "afterok")), "exit 3")
+        infos = self.wait([first, second, bad])
+        self.assertEqual(infos[first].state, "COMPLETED")
+        self.assertEqual(infos[second].state, "COMPLETED")
+        self.assertEqual(infos[bad], JobInfo("FAILED", "exit 3", 3))
+
+    def test_cancel_running_and_pending(self):
+        ex = self.executor()
+        running = self.submit(self.res("long"), "sleep 120")
+        pending = self.submit(self.res("later", submit_options=ex.dependency_options([running])), "true")
+        self.wait([running], until={"RUNNING"})
+        found = ex.find_jobs(f"{self.tag}-")
+        self.assertIn(ex._master_id(running), found.get(ex._job_name(f"{self.tag}-long"), []), found)
+        ex.cancel_many([running, pending])
+        ex.cancel(running)  # again: already gone is fine
+        infos = self.executor().job_infos([running, pending])
+        deadline = time.time() + self.TIMEOUT
+        while time.time() < deadline and infos.get(running, JobInfo("RUNNING")).state not in reflow.FINAL_JOB_STATES:
+            time.sleep(0.5)
+            infos = self.executor().job_infos([running, pending])
+        self.assertEqual(infos[running].state, "CANCELLED", infos)
+        self.assertNotIn(infos.get(pending, JobInfo("CANCELLED")).state, {"PENDING", "RUNNING", "COMPLETED"})
+
+    def test_walltime_kill(self):
+        if self.WALLTIME is None:
+            self.skipTest("the shortest walltime of this scheduler takes too long")
+        job = self.submit(self.res("slow", time_limit=self.WALLTIME), "sleep 120")
+        info = self.wait([job], timeout=reflow.parse_time(self.WALLTIME) + 25)[job]
+        self.assertEqual(info.state, "TIMEOUT", info)
+
+    def test_afterok_on_failed_job_never_satisfied(self):
+        if self.NEVER is None:
+            self.skipTest("this scheduler has no afterok")
+        ex = self.executor()
+        bad = self.submit(self.res("bad"), "exit 1")
+        child = self.submit(self.res("child", submit_options=ex.dependency_options([bad], "afterok")), "true")
+        infos = self.wait([bad, child])
+        self.assertEqual(infos[bad], JobInfo("FAILED", "exit 1", 1))
+        self.assertEqual(infos[child], self.NEVER)
+
+    def test_transient_failures_are_retried(self):
+        if not self.FAULTS:
+            self.skipTest("no fault injection for a real scheduler")
+        for code in self.FAULTS:
+            with self.subTest(code=code):
+                (Path(self._state) / "knobs.json").write_text(json.dumps({"fail_next": 2, "fail_code": code}))
+                job = self.submit(self.res("retry"), "true")
+                self.assertEqual(self.wait([job])[job].state, "COMPLETED")
+
+    def test_delay_options(self):
+        if not self.DELAY:
+            self.skipTest("begin times have minute resolution here")
+        start = time.time()
+        job = self.submit(self.res("delayed", submit_options=self.executor().delay_options(4)), "date +%s > began")
+        self.assertEqual(self.wait([job])[job].state, "COMPLETED")
+        self.assertGreaterEqual(int((self.work / "began").read_text()), int(start) + 3)
+
+    def test_unknown_id_and_cancel_of_unknown(self):
+        ex = self.executor()
+        self.assertEqual(ex.job_infos([self.unknown_id()]), {})
+        ex.cancel_many([self.unknown_id()])
+
+    def unknown_id(self):
+        return "9999999"
+
+
+class LiveSlurm(LiveSchedulerMixin, unittest.TestCase):
+    PROBE = ("sinfo", "-h")
+
+    def executor(self):
+        return SlurmExecutor()
+
+
+class LiveSGE(LiveSchedulerMixin, unittest.TestCase):
+    PROBE = ("qstat",)
+    ENV = {"SGE_ROOT": os.environ.get("SGE_ROOT", "/var/lib/gridengine"),
+           "SGE_CELL": os.environ.get("SGE_CELL", "default")}
+    WALLTIME = "00:00:05"
+    NEVER = None  # hold_jid is afterany only
+
+    def executor(self):
+        return SGEExecutor()
+
+    def test_job_name_starting_with_digit(self):
+        job = self.submit(self.res("x", job_name="2024-run"), "true")
+        self.assertEqual(self.wait([job])[job].state, "COMPLETED")
+
+
+class _EmulatorMixin(LiveSchedulerMixin):
+    """Run the emulator of ci/emulators/<NAME>/bin with a private state directory."""
+
+    NAME = ""
+    WALLTIME = "00:00:05"
+    EXTRA_ENV = {}
+
+    @classmethod
+    def live_env(cls):
+        cls._state = tempfile.mkdtemp(prefix=f"reflow-emu-{cls.NAME}-")
+        return dict(cls.ENV, EMU_STATE_DIR=cls._state)
+
+    @classmethod
+    def setUpClass(cls):
+        cls.ENV = dict(cls.EXTRA_ENV, EMU_STATE_DIR="", REFLOW_SCHED_BACKOFF="0.1")
+        cls.bin = EMULATORS / cls.NAME / "bin"
+        cls.PROBE = (str(cls.bin / cls.PROBE_COMMAND), *cls.PROBE_ARGS)
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        shutil.rmtree(cls._state, True)
+
+
+class LivePBSEmulator(_EmulatorMixin, unittest.TestCase):
+    NAME, PROBE_COMMAND, PROBE_ARGS = "pbs", "qstat", ()
+    NEVER = JobInfo("CANCELLED", "deleted before running")  # the server deletes the dependant
+    FAULTS = ("162", "171", "183", "connect")
+
+    def executor(self):
+        return PBSExecutor(qsub=str(self.bin / "qsub"), qdel=str(self.bin / "qdel"), qstat=str(self.bin / "qstat"))
+
+    def unknown_id(self):
+        return "9999999.emu"
+
+
+class LiveLSFEmulator(_EmulatorMixin, unittest.TestCase):
+    NAME, PROBE_COMMAND, PROBE_ARGS = "lsf", "bjobs", ("-a",)
+    WALLTIME = "00:01:00"  # -W takes whole minutes: the emulator scales them
+    EXTRA_ENV = {"EMU_WALLTIME_SCALE": "0.1"}
+    DELAY = False  # -b takes whole minutes
+    NEVER = None  # afterok waits with ended(): LSF would keep a done() dependant pending for ever
+    FAULTS = ("down", "daemon", "lim", "busy", "empty", "empty0")
+
+    def executor(self):
+        return LSFExecutor(bsub=str(self.bin / "bsub"), bkill=str(self.bin / "bkill"), bjobs=str(self.bin / "bjobs"))
+
+
+class LiveFluxEmulator(_EmulatorMixin, unittest.TestCase):
+    NAME, PROBE_COMMAND, PROBE_ARGS = "flux", "flux", ("jobs", "-a")
+    FAULTS = ("",)
+
+    def executor(self):
+        return FluxExecutor(flux=str(self.bin / "flux"))
+
+
+@contextlib.contextmanager
+def _env(**values):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        _restore_env(saved)
 
 
 def main() -> int:
