@@ -3680,6 +3680,9 @@ class Executor(abc.ABC):
         self.mode = mode or self.name
         self.python = python or ""
         self.config = config
+        configured = os.environ.get("REFLOW_MAX_ARRAY_SIZE") or (config.get("executor.max_array_size") if config else None)
+        if str(configured or "").strip().isdigit() and int(configured) > 0:  # a site's MaxArraySize
+            self.max_array_size = int(configured)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mode={self.mode!r})"
@@ -3934,12 +3937,6 @@ class _BatchExecutor(Executor):
     #: Exit codes of the scheduler's commands that mean "try again" (PBS).
     _transient_codes: Tuple[int, ...] = ()
 
-    def __init__(self, mode: str = "", python: str = "", config: "Optional[Config]" = None) -> None:
-        super().__init__(mode=mode, python=python, config=config)
-        configured = os.environ.get("REFLOW_MAX_ARRAY_SIZE") or _config_value(config, "executor.max_array_size")
-        if str(configured or "").strip().isdigit() and int(configured) > 0:
-            self.max_array_size = int(configured)
-
     @classmethod
     def from_environment(cls, config: "Optional[Config]" = None) -> "_BatchExecutor":
         """Build the executor with binaries from ``REFLOW_<CMD>``, then the config, then plain names."""
@@ -4087,15 +4084,6 @@ class _BatchExecutor(Executor):
     def _list_jobs(self) -> List[Tuple[str, str]]:
         """Return ``(job id, job name)`` of this user's live jobs."""
         raise NotImplementedError
-
-
-def _config_value(config: "Optional[Config]", key: str) -> Any:
-    """Return ``config.get(key)`` or None (config may be None or lack the key)."""
-    getter = getattr(config, "get", None)
-    try:
-        return getter(key) if getter is not None else None
-    except (KeyError, TypeError, ValueError):
-        return None
 
 
 def _binary_path(name: str, config: "Optional[Config]") -> str:
@@ -6496,6 +6484,7 @@ class _Dispatcher:
             self.grace = min(self.grace, 2.0)  # no NFS attribute caching between local processes
         self.live_jobs: List[str] = []
         self.submitted: List[str] = []
+        self._waitable: set = set()
         self.waiting_for_grace = False
 
     def cycle(self) -> Dict[str, int]:
@@ -6783,6 +6772,7 @@ class _Dispatcher:
         specs = {spec["task_name"]: spec for spec in self.store.get_task_specs(self.run_id)}
         summary = self.store.task_state_summary(self.run_id)
         jobs = self._jobs_by_task()
+        self._waitable = set(self.live_jobs) | set(self.submitted)
         total = 0
         for name in self.wf.topological_order():
             spec = self.wf.tasks[name]
@@ -6796,11 +6786,17 @@ class _Dispatcher:
             if ids:
                 specs[name]["width"], summary[name] = width, {"SUBMITTED": width}
                 jobs[name] = set(ids)
+                self._waitable |= set(ids)
                 total += width
         return total
 
     def _jobs_by_task(self) -> Dict[str, set]:
-        """Return the job ids of each task's SUBMITTED/RUNNING instances."""
+        """Return the job ids of each task's SUBMITTED/RUNNING instances.
+
+        Only jobs the scheduler still holds may be waited on (Slurm refuses
+        a dependency on a purged id), so a task whose upstream jobs already
+        ended waits for the next cycle instead.
+        """
         jobs: Dict[str, set] = {}
         for row in self.store.instance_rows(self.run_id, states=["SUBMITTED", "RUNNING"]):
             if row[4]:
@@ -6816,6 +6812,8 @@ class _Dispatcher:
                 continue
             done_or_running = counts.get("SUCCESS", 0) + counts.get("SUBMITTED", 0) + counts.get("RUNNING", 0)
             if not counts or done_or_running != sum(counts.values()) or dep not in jobs:
+                return None
+            if not jobs[dep] <= self._waitable:
                 return None
             waiting |= jobs[dep]
         return waiting

@@ -670,6 +670,15 @@ class LocalSubmitTest(TempDirTest):
             square = run.store.get_task_instance(run.run_id, "square", 3)
             self.assertEqual((square["state"], square["attempt"]), ("SUCCESS", 1))
 
+    def test_wide_array_is_split_into_native_arrays(self) -> None:
+        mod = load_flow(self.tmp, FANOUT)
+        with mock_env(REFLOW_MAX_ARRAY_SIZE="3"):
+            run = mod.wf.submit(self.tmp / "run", executor="local", n=8)
+            self.assertEqual(run.wait(timeout=120), "SUCCESS", run.status(as_dict=True)["failed_instances"])
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "square"), [i * i for i in range(8)])
+        arrays = {inst["job_id"].rsplit("_", 1)[0] for inst in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual(len(arrays), 3)  # 3 + 3 + 2 elements, each worker mapped back to its own index
+
     SLEEPY = """
         import os, time
         from pathlib import Path

@@ -15,15 +15,14 @@ Actions:
     local_submit N RUN_DIR  time ``wf.submit(RUN_DIR, executor="local", n=N)`` until the run ends
     spawn N                 time N sequential ``python -c pass`` processes
     fake N RUN_DIR          (reflow.py) submit with a recording executor, then time one dispatch cycle
-    slurm N RUN_DIR         time ``wf.submit(RUN_DIR, n=N)`` with the default (Slurm) executor until the run ends
-
-Any other first argument goes to the workflow's CLI: reflow-hpc re-runs the
-``__main__`` script (this file) in its dispatch and worker jobs.
+    slurm_cli N RUN_DIR     time ``flow.py submit --run-dir RUN_DIR --n N`` (default executor: Slurm) until the run ends
 """
 
 import os
 import sys
 import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 FINAL = ("SUCCESS", "FAILED", "CANCELLED")
 
@@ -139,16 +138,47 @@ def act_spawn(n):
     return {"t": seconds, "per_spawn": seconds / int(n)}
 
 
-def act_slurm(n, run_dir):
-    wf = _load_flow()
+def act_slurm_cli(n, run_dir):
+    """Submit through the workflow's own CLI (default executor: Slurm) and poll the store until the run ends.
+
+    The store is polled with a fresh read-only connection each time: a
+    connection kept open would hold reflow-hpc's WAL uncheckpointed, and its
+    workers open the database ``immutable`` and would not see the run.
+    """
+    import sqlite3
+    import subprocess
+
+    db = os.path.join(os.path.dirname(run_dir), "manifest.db")
+    argv = [sys.executable, os.path.join(HERE, "flow.py"), "submit", "--run-dir", run_dir, "--store-path", db,
+            "--n", str(n)]
+
+    def status():
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT status FROM runs").fetchone()[0]
+        finally:
+            conn.close()
 
     def go():
-        run = wf.submit(run_dir, n=int(n))
-        _wait(run.store, run.run_id, timeout=900, poll=0.2)
-        return run
+        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            state = status()
+            if state in FINAL:
+                return state
+            time.sleep(0.2)
+        return "TIMEOUT"
 
-    seconds, run = _timed(go)
-    return dict(_check(run.store, run.run_id, int(n)), t=seconds)
+    seconds, state = _timed(go)
+    ok = False
+    if state == "SUCCESS":
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = conn.execute("SELECT output FROM task_instances WHERE task_name = 'total'").fetchone()
+            ok = row is not None and str(_expected_total(int(n))) in str(row[0])
+        finally:
+            conn.close()
+    return {"t": seconds, "status": state, "ok": ok}
 
 
 def act_fake(n, run_dir):
@@ -209,13 +239,10 @@ def act_fake(n, run_dir):
 
 
 ACTIONS = {"import": act_import, "stdimport": act_stdimport, "run_local": act_run_local,
-           "local_submit": act_local_submit, "spawn": act_spawn, "fake": act_fake, "slurm": act_slurm}
+           "local_submit": act_local_submit, "spawn": act_spawn, "fake": act_fake, "slurm_cli": act_slurm_cli}
 
 
 def main(argv):
-    if argv[0] not in ACTIONS:
-        # reflow-hpc re-runs the __main__ script (this file) for its dispatch and worker jobs
-        return _load_flow().cli(argv)
     data = ACTIONS[argv[0]](*argv[1:])
     import json
 
