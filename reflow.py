@@ -3680,8 +3680,9 @@ class Executor(abc.ABC):
         self.mode = mode or self.name
         self.python = python or ""
         self.config = config
-        configured = os.environ.get("REFLOW_MAX_ARRAY_SIZE") or (config.get("executor.max_array_size") if config else None)
-        if str(configured or "").strip().isdigit() and int(configured) > 0:  # a site's MaxArraySize
+        configured = str(os.environ.get("REFLOW_MAX_ARRAY_SIZE") or (config and config.get("executor.max_array_size"))
+                         or "").strip()
+        if configured.isdigit() and int(configured) > 0:  # a site's MaxArraySize
             self.max_array_size = int(configured)
 
     def __repr__(self) -> str:

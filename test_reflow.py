@@ -2400,43 +2400,33 @@ class TestStoreTransactions(_StoreTest):
                     self.assertEqual(len(store.list_events("r1")), 1 + 2 * n * 5)
 
 
-class TestStoreBulkSpeed(_StoreTest):
-    """100,000 array elements: every bulk call is one statement or one executemany, well under 2 s."""
+class TestStoreBulkScale(_StoreTest):
+    """A wide array through every bulk call: each is one statement or one executemany (speed: bench/)."""
 
-    N = 100_000
-    LIMIT = 2.0  # CPU seconds per call: immune to a busy machine, not to a much slower one
+    N = 20_000
 
-    def timed(self, call, *args):
-        start = time.process_time()
-        result = call(*args)
-        self.figures[call.__name__] = time.process_time() - start
-        return result
-
-    def test_100k_elements(self):
-        self.figures = {}
+    def test_wide_array(self):
         self.make_run()
         rows = [{"array_index": i, "state": "PENDING", "input": {"x": i, "name": f"f{i}.txt"},
                  "identity": f"id{i:012d}", "input_hash": f"h{i}"} for i in range(self.N)]
-        self.timed(self.store.insert_task_instances, "r1", "b", rows)
-        ids = [row.id for row in self.timed(self.store.instance_rows, "r1")]
+        self.store.insert_task_instances("r1", "b", rows)
+        ids = [row.id for row in self.store.instance_rows("r1")]
         self.assertEqual(len(ids), self.N)
-        self.assertEqual(self.timed(self.store.mark_submitted, [(i, "77") for i in ids]), self.N)
-        self.assertEqual(self.timed(self.store.mark_running, [(i, 0, None) for i in ids]), self.N)
+        self.assertEqual(self.store.mark_submitted([(i, "77") for i in ids]), self.N)
+        self.assertEqual(self.store.mark_running([(i, 0, None) for i in ids]), self.N)
         results = [{"instance_id": i, "attempt": 0, "state": "SUCCESS", "output": {"y": i}, "output_hash": "o"}
                    for i in ids]
-        self.assertEqual(self.timed(self.store.apply_results, results), (self.N, []))
-        self.assertEqual(len(self.timed(self.store.find_cached_many, "b", [r["identity"] for r in rows])), self.N)
-        self.assertEqual(len(self.timed(self.store.get_array_outputs, "r1", "b")), self.N)
-        self.assertEqual(len(self.timed(self.store.list_task_instances, "r1")), self.N)
+        self.assertEqual(self.store.apply_results(results), (self.N, []))
+        self.assertEqual(len(self.store.find_cached_many("b", [r["identity"] for r in rows])), self.N)
+        self.assertEqual(len(self.store.get_array_outputs("r1", "b")), self.N)
+        self.assertEqual(len(self.store.list_task_instances("r1")), self.N)
         self.make_run("r2")
         self.store.insert_task_instances("r2", "b", rows)
         ids = [row.id for row in self.store.instance_rows("r2")]
-        self.assertEqual(self.timed(self.store.cancel_instances, ids), self.N)
-        self.assertEqual(self.timed(self.store.retry_instances, ids), self.N)
-        self.assertEqual(self.timed(self.store.fail_instances, ids, "lost"), self.N)
-        self.assertEqual(self.timed(self.store.delete_instances, ids), self.N)
-        slow = {name: round(sec, 2) for name, sec in self.figures.items() if sec > self.LIMIT}
-        self.assertFalse(slow, f"bulk calls over {self.LIMIT} s CPU for {self.N} elements: {slow}")
+        self.assertEqual(self.store.cancel_instances(ids), self.N)
+        self.assertEqual(self.store.retry_instances(ids), self.N)
+        self.assertEqual(self.store.fail_instances(ids, "lost"), self.N)
+        self.assertEqual(self.store.delete_instances(ids), self.N)
 
 
 HOSTILE = ["$(touch pwned)", "; rm -rf /tmp/nothing-here", "it's \"quoted\"", "two\nlines\n#$ -q evil\n#PBS -q x",

@@ -16,6 +16,9 @@ Actions:
     spawn N                 time N sequential ``python -c pass`` processes
     fake N RUN_DIR          (reflow.py) submit with a recording executor, then time one dispatch cycle
     slurm_cli N RUN_DIR     time ``flow.py submit --run-dir RUN_DIR --n N`` (default executor: Slurm) until the run ends
+
+Any other first argument goes to the workflow's CLI: reflow-hpc re-runs the
+``__main__`` script (this file) in the jobs it starts from ``wf.submit``.
 """
 
 import os
@@ -243,6 +246,9 @@ ACTIONS = {"import": act_import, "stdimport": act_stdimport, "run_local": act_ru
 
 
 def main(argv):
+    if argv[0] not in ACTIONS:
+        # reflow-hpc re-runs the __main__ script (this file) in its dispatch and worker jobs
+        return _load_flow().cli(argv)
     data = ACTIONS[argv[0]](*argv[1:])
     import json
 
