@@ -3724,6 +3724,15 @@ class Executor(abc.ABC):
         for job_id in dict.fromkeys(job_ids):
             self.cancel(job_id)
 
+    def find_jobs(self, name_prefix: str) -> Dict[str, List[str]]:
+        """Return ``{job name: [job ids]}`` of live jobs whose name starts with ``name_prefix``.
+
+        A dispatcher that recovers from a crash adopts these instead of
+        submitting twice.  The default knows no jobs: every scheduler and the
+        local executor override it with one query.
+        """
+        return {}
+
     def element_id(self, array_id: str, position: int) -> str:
         """Return the id of element ``position`` (native numbering) of an array."""
         return f"{array_id}_{position}"
@@ -5492,6 +5501,19 @@ class LocalExecutor(Executor):
         """Make the job sleep ``seconds`` before it starts."""
         return {"delay": max(0, int(seconds))}
 
+    def find_jobs(self, name_prefix: str) -> Dict[str, List[str]]:
+        """Return ``{job name: [job ids]}`` of unfinished local jobs whose name starts with a prefix."""
+        found: Dict[str, List[str]] = {}
+        for path in sorted(self._spool().glob("*.job")):
+            try:
+                name = json.loads(path.read_text()).get("name") or ""
+            except (OSError, ValueError):
+                continue
+            state = self._read_state(path.stem)
+            if name.startswith(name_prefix) and state and state["state"] not in FINAL_JOB_STATES:
+                found.setdefault(name, []).append(path.stem)
+        return found
+
     # ------------------------------------------------------ state, cancel
 
     def _state_path(self, job_id: str) -> Path:
@@ -6483,25 +6505,52 @@ class _Dispatcher:
         self.grace = wf.config.lost_job_grace
         if isinstance(self.executor, LocalExecutor):
             self.grace = min(self.grace, 2.0)  # no NFS attribute caching between local processes
+        self.run_tag = run_id.rsplit("-", 1)[-1]
+        self.found: Optional[Dict[str, List[str]]] = None  # live jobs by name, only when recovering
         self.live_jobs: List[str] = []
         self.submitted: List[str] = []
         self._waitable: set = set()
         self.waiting_for_grace = False
 
     def cycle(self) -> Dict[str, int]:
-        """Run one cycle; return counts of what it did."""
+        """Run one cycle; return counts of what it did.
+
+        A marker file stands for the whole cycle: finding it at the start
+        means the previous dispatcher died mid-cycle, and this one recovers
+        (adopts jobs and results the dead one left unrecorded).
+        """
+        marker = self.run_dir / ".reflow" / f"cycle-{self.run_id}.inflight"
+        if marker.exists():
+            self._start_recovery()
+        _atomic_write(marker, _utcnow())
+        counts = self._cycle()
+        marker.unlink()
+        return counts
+
+    def _start_recovery(self) -> None:
+        """Ask the scheduler once for the run's live jobs, to adopt them by name."""
+        log.warning("the previous dispatcher of %s died mid-cycle; recovering", self.run_id)
+        try:
+            self.found = self.executor.find_jobs(f"{self.wf.name}-")
+        except ExecutorError as exc:
+            raise ExecutorError(f"cannot list live jobs to recover run {self.run_id}: {exc}") from None
+
+    def _cycle(self) -> Dict[str, int]:
         files = self._list_result_files()
         with self.store.transaction():
             ingested = self._ingest(files)
             lost = self._reconcile()
             self._auto_retry()
+        _crash_point("after-ingest")
         if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
             self._delete(files)
             return {"ingested": ingested, "lost": lost, "submitted": 0}
         with self.store.transaction():
             batches = self._plan()
         submitted = self._submit(batches)
+        _crash_point("after-submit")
         submitted += self._forward()
+        _crash_point("after-forward")
         with self.store.transaction():
             self._finalise()
         self._delete(files)
@@ -6530,6 +6579,8 @@ class _Dispatcher:
                 if "input" in record:
                     record["input"] = DEFAULT_CODEC.load_value(record["input"])
                 results.append(record)
+        if self.found is not None:
+            self._adopt_orphans(started, results)
         if started:
             self.store.mark_running(started)
         blocked = [r["instance_id"] for r in results if r.get("reason") == UPSTREAM_FAILED]
@@ -6541,6 +6592,13 @@ class _Dispatcher:
             log.info("result of instance %s ignored: %s", instance_id, why)
         self._quarantine(broken)
         return applied
+
+    def _adopt_orphans(self, started: List[Tuple], results: List[Dict[str, Any]]) -> None:
+        """Record as submitted the instances whose jobs ran although the dead dispatcher never said so."""
+        job_of = {rec["instance_id"]: rec.get("job_id") or "ADOPTED" for rec in results}
+        job_of.update({row[0]: job_of.get(row[0], "ADOPTED") for row in started})
+        if job_of:
+            self.store.mark_submitted(sorted(job_of.items()))
 
     def _quarantine(self, broken: List[Path]) -> None:
         """Move unreadable result files aside and fail their instances with the reason."""
@@ -6668,7 +6726,7 @@ class _Dispatcher:
                 todo = self.store.instance_rows(self.run_id, states=["RETRYING", "PENDING"], task_name=name)
             if todo:
                 ordered = sorted(todo, key=lambda row: (row[3] != "RETRYING", row[2] if row[2] is not None else -1))
-                batches.append((spec, [(row[0], row[2]) for row in ordered]))
+                batches.append((spec, [(row[0], row[2], row[5]) for row in ordered]))
         return self._cap(batches)
 
     def _expand(self, planner: _Planner, spec: TaskSpec) -> int:
@@ -6717,24 +6775,55 @@ class _Dispatcher:
             total += len(pairs)
         return total
 
-    def _submit_task(self, spec: TaskSpec, rows: List[Tuple[int, Optional[int]]],
+    def _submit_task(self, spec: TaskSpec, rows: List[Tuple[int, Optional[int], int]],
                      after: Optional[Dict[str, Any]] = None) -> List[Tuple[int, str]]:
-        """Submit the instances of one task; return (instance id, job id) pairs."""
+        """Submit the instances ``(id, index, attempt)`` of one task; return (instance id, job id) pairs."""
         if not spec.is_array or rows[0][1] is None:
-            resources = self._resources(spec, array=False, after=after)
+            resources = self._resources(spec, rows[0], array=False, after=after)
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name)
-            return [(rows[0][0], self.executor.submit(resources, command))]
+            return [(rows[0][0], self._submit_or_adopt(resources, command, None, None)[0])]
         pairs: List[Tuple[int, str]] = []
         size = max(1, self.executor.max_array_size)
         for start in range(0, len(rows), size):
             chunk = rows[start:start + size]
-            positions = self._positions_arg(spec, [index for _, index in chunk if index is not None])
+            positions = self._positions_arg(spec, [row[1] for row in chunk if row[1] is not None])
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name, "--positions",
                                    positions, "--base", str(self.executor.array_base))
-            ids = self.executor.submit_array(self._resources(spec, array=True, after=after), command, len(chunk),
-                                             spec.config.array_parallelism)
-            pairs.extend((instance_id, job_id) for (instance_id, _), job_id in zip(chunk, ids))
+            resources = self._resources(spec, chunk[0], array=True, after=after)
+            ids = self._submit_or_adopt(resources, command, len(chunk), spec.config.array_parallelism)
+            pairs.extend((row[0], job_id) for row, job_id in zip(chunk, ids))
         return pairs
+
+    def _submit_or_adopt(self, resources: JobResources, command: List[str], size: Optional[int],
+                         throttle: Optional[int]) -> List[str]:
+        """Submit a job (``size`` None) or an array; after a crash, adopt a live twin instead.
+
+        Job names are deterministic (run, task, attempt, first index), and a
+        recovering cycle plans the same waves again, so a job submitted just
+        before the previous dispatcher died is found by name, not doubled.
+        """
+        twin = self._adoptable(resources.job_name, size)
+        if twin is not None:
+            log.warning("adopting job(s) %s of %s submitted before a dispatcher crash", twin[:3], resources.job_name)
+            return twin
+        if size is None:
+            return [self.executor.submit(resources, command)]
+        return self.executor.submit_array(resources, command, size, throttle)
+
+    def _adoptable(self, name: str, size: Optional[int]) -> Optional[List[str]]:
+        """Return the ids of a live job named ``name`` (elements for an array), if recovering."""
+        if self.found is None:
+            return None
+        native_name = getattr(self.executor, "_job_name", lambda text: text)(name)
+        ids = self.found.get(native_name)
+        if not ids:
+            return None
+        if size is None:
+            return [ids[0]]
+        if len(ids) == size:  # one job per element (Flux --cc)
+            return list(ids)
+        base = self.executor.array_base
+        return [self.executor.element_id(ids[0], base + offset) for offset in range(size)]
 
     def _positions_arg(self, spec: TaskSpec, indices: List[int]) -> str:
         """Return the positions spec, or ``@file`` when it is too long for a command line."""
@@ -6745,15 +6834,21 @@ class _Dispatcher:
         _atomic_write(path, text)
         return f"@{path}"
 
-    def _resources(self, spec: TaskSpec, array: bool, after: Optional[Dict[str, Any]] = None) -> JobResources:
-        """Return the job resources of a task: decorator > config submit options (+ dependency)."""
+    def _resources(self, spec: TaskSpec, first: Tuple[int, Optional[int], int], array: bool,
+                   after: Optional[Dict[str, Any]] = None) -> JobResources:
+        """Return the job resources of a task: decorator > config submit options (+ dependency).
+
+        The job name carries the run, task, attempt and first index of the
+        wave (``<wf>-<task>-<run>-a<attempt>-<index>``), so it can be adopted.
+        """
         options = dict(self.wf.config.submit_options)
         options.update(spec.config.submit_options)
         options.update(after or {})
         logs = self.run_dir / "logs"
         suffix = "{job_id}_{array_index}" if array else "{job_id}"
         return JobResources(
-            job_name=f"{self.wf.name}-{spec.name}", cpus=spec.config.cpus, time_limit=spec.config.time,
+            job_name=f"{self.wf.name}-{spec.name}-{self.run_tag}-a{first[2]}-{'s' if first[1] is None else first[1]}",
+            cpus=spec.config.cpus, time_limit=spec.config.time,
             mem=spec.config.mem, output_path=str(logs / f"{spec.name}-{suffix}.out"),
             error_path=str(logs / f"{spec.name}-{suffix}.err"), submit_options=options, workdir=str(self.run_dir),
             gpus=int(options.pop("gpus", 0) or 0),
@@ -6841,7 +6936,7 @@ class _Dispatcher:
         todo = self.store.instance_rows(self.run_id, states=["PENDING"], task_name=spec.name)
         after = self.executor.dependency_options(upstream, "afterok")
         try:
-            pairs = self._submit_task(spec, [(row[0], row[2]) for row in sorted(todo, key=lambda r: r[2] or 0)],
+            pairs = self._submit_task(spec, [(row[0], row[2], row[5]) for row in sorted(todo, key=lambda r: r[2] or 0)],
                                       after)
         except (ExecutorError, OSError, ValueError) as exc:
             self.store.fail_instances([row[0] for row in todo], f"Submission rejected for task {spec.name!r}: {exc}",
@@ -6892,6 +6987,22 @@ def _final_run_state(specs: Sequence[Mapping[str, Any]], summary: Mapping[str, M
     if any(counts.get("CANCELLED", 0) for counts in summary.values()):
         return RunState.CANCELLED.value
     return None
+
+
+def _crash_point(name: str) -> None:
+    """Die here like ``kill -9`` when ``REFLOW_TEST_CRASH`` names this point (fault-injection tests).
+
+    ``point@FILE`` dies only once: the first process to get there creates FILE.
+    """
+    point, _, once = os.environ.get("REFLOW_TEST_CRASH", "").partition("@")
+    if point != name:
+        return
+    if once:
+        try:
+            os.close(os.open(once, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            return
+    os._exit(137)
 
 
 # =============================================================================

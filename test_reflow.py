@@ -736,6 +736,30 @@ class LocalSubmitTest(TempDirTest):
         self.fail(f"only {len(list(directory.glob('*.pid')))} of {count} workers started")
 
 
+class CrashRecoveryTest(TempDirTest):
+    """A dispatcher killed mid-cycle: the next cycle adopts, nothing runs twice."""
+
+    def test_killed_dispatcher_is_recovered_without_double_submission(self) -> None:
+        for point in ("after-ingest", "after-submit", "after-forward"):
+            with self.subTest(point=point):
+                flow = self.tmp / f"flow_{point.replace('-', '_')}.py"
+                flow.write_text(textwrap.dedent(FANOUT))
+                run_dir = self.tmp / point
+                proc = run_cli(flow, "submit", "--executor", "local", "--run-dir", run_dir, "--n", "4", "--force",
+                               env={"REFLOW_TEST_CRASH": f"{point}@{self.tmp / point}.crashed"})
+                self.assertEqual(proc.returncode, 137, proc.stderr)
+                with reflow.SqliteStore(self.store_path) as store:
+                    run_id = next(r["run_id"] for r in store.list_runs() if r["parameters"]["run_dir"] == str(run_dir))
+                    run = reflow.Run(None, run_id, run_dir, store)
+                    proc = run_cli(HERE / "reflow.py", "resume", run_id)
+                    self.assertEqual(proc.returncode, 0, proc.stderr)
+                    self.assertEqual(run.wait(timeout=120), "SUCCESS", run.status(as_dict=True)["failed_instances"])
+                    self.assertEqual(store.get_singleton_output(run_id, "total"), 14)
+                names = [json.loads(p.read_text())["name"] for p in (run_dir / ".reflow" / "local").glob("*.job")]
+                prepare_jobs = [n for n in names if n.startswith("fan-prepare-")]
+                self.assertEqual(len(prepare_jobs), 1, names)
+
+
 def _alive(pid: int) -> bool:
     """Tell whether a process exists (and is not a zombie)."""
     try:
@@ -3616,7 +3640,8 @@ def main() -> int:
     """Run every test (or those named on the command line) and print one closing line."""
     program = unittest.main(exit=False, verbosity=int(os.environ.get("VERBOSE", "1")))
     result = program.result
-    failed = len(result.failures) + len(result.errors) + len(getattr(result, "unexpectedSuccesses", []))
+    broken = [getattr(test, "test_case", test).id() for test, _ in result.failures + result.errors]
+    failed = len(set(broken)) + len(getattr(result, "unexpectedSuccesses", []))
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
     print(f"\n{passed} passed, {failed} failed, {skipped} skipped")
