@@ -7149,11 +7149,28 @@ class Workflow(Flow):
 
     def __init__(self, name: str, config: "Optional[Config]" = None) -> None:
         super().__init__(name)
-        self.config = config if config is not None else load_config()
+        self._config_error: Optional[ConfigError] = None
+        if config is None:
+            try:
+                config = load_config()
+            except ConfigError as exc:  # raised on first use, so wf.cli() reports it in one line
+                self._config_error, config = exc, Config()
+        self._config = config
         if _job_argv() is not None:
             if not Workflow._instances:
                 atexit.register(_serve_job_at_exit)
             Workflow._instances.append(self)
+
+    @property
+    def config(self) -> "Config":
+        """Return the configuration (a malformed config file raises ConfigError here)."""
+        if self._config_error is not None:
+            raise self._config_error
+        return self._config
+
+    @config.setter
+    def config(self, value: "Config") -> None:
+        self._config, self._config_error = value, None
 
     # ------------------------------------------------------------ checks
 
@@ -7264,8 +7281,8 @@ class Workflow(Flow):
         entrypoint = self._entrypoint(strict=needs_entrypoint)
         if store is None:
             store = SqliteStore.default(self.config)
+        store.init()  # before the run directory: a bad store path must leave no directory behind
         _make_run_dir(run_dir_path)
-        store.init()
         if hasattr(executor_obj, "bind_run"):
             executor_obj.bind_run(run_dir_path)
         values.update({P_RUN_DIR: str(run_dir_path), P_FORCE: bool(force), P_FORCE_TASKS: list(force_tasks or []),

@@ -72,12 +72,32 @@ class TempDirTest(unittest.TestCase):
 
     def tearDown(self) -> None:
         self._env.__exit__(None, None, None)
+        _stop_local_jobs(self.tmp)
         self._tmp.cleanup()
 
     def store(self) -> "reflow.SqliteStore":
         store = reflow.SqliteStore(self.store_path)
         store.init()
         return store
+
+
+def _stop_local_jobs(directory: Path, grace: float = 10.0) -> None:
+    """Let local job runners under ``directory`` finish (they write their final state), then kill stragglers."""
+    def runners() -> List[int]:
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"_local-job" in argv and any(str(directory).encode() in arg for arg in argv):
+                    found.append(int(proc.name))
+        return found
+
+    deadline = time.monotonic() + grace
+    while runners() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in runners():
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -830,6 +850,32 @@ class CliTest(TempDirTest):
                 self.assertIn(text, proc.stderr)
                 self.assertNotIn("Traceback", proc.stderr)
                 self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+        self.assertFalse((self.tmp / "r").exists())
+
+    def test_bad_environment_is_one_line(self) -> None:
+        config_dir = self.tmp / "config" / "reflow"
+        config_dir.mkdir(parents=True)
+        garbage = self.tmp / "garbage.db"
+        garbage.write_bytes(b"this is not sqlite" * 100)
+        (self.tmp / "afile").write_text("x")
+        cases = [
+            ('[executor]\nmdoe = "sbatch"\n', (self.flow_file, "run", "--run-dir", self.tmp / "r", "--n", "1"), 1,
+             "unknown key 'executor.mdoe'. Did you mean 'executor.mode'?"),
+            ("[executor\n", (HERE / "reflow.py", "runs"), 1, "line 1"),
+            ("", (HERE / "reflow.py", "status", "x-1", "--store-path", garbage), 1, str(garbage)),
+            ("", (self.flow_file, "run", "--run-dir", self.tmp / "afile" / "r", "--n", "1"), 1, "is a file"),
+            ("", (self.flow_file, "run", "--run-dir", self.tmp / "r", "--n", "1", "--store-path",
+                  self.tmp / "afile" / "s.db"), 1, "afile"),
+        ]
+        for config, argv, code, text in cases:
+            (config_dir / "config.toml").write_text(config)
+            with self.subTest(argv=argv[1:]):
+                before = garbage.read_bytes()
+                proc = run_cli(*argv)
+                self.assertEqual(proc.returncode, code, proc.stderr)
+                self.assertIn(text, proc.stderr)
+                self.assertEqual(len(proc.stderr.strip().splitlines()), 1, proc.stderr)
+                self.assertEqual(garbage.read_bytes(), before)
         self.assertFalse((self.tmp / "r").exists())
 
     def test_generated_flags(self) -> None:
