@@ -6128,12 +6128,15 @@ class _StoreOutputs:
         self.store, self.run_id = store, run_id
 
     def singleton(self, task: str) -> Any:
+        """Return the output of a singleton task."""
         return self.store.get_singleton_output(self.run_id, task)
 
     def array(self, task: str) -> List[Any]:
+        """Return the outputs of an array task in index order."""
         return self.store.get_array_outputs(self.run_id, task)
 
     def hashes(self, task: str) -> List[str]:
+        """Return the output hashes of a task's instances in index order."""
         return self.store.get_all_output_hashes(self.run_id, task)
 
 
@@ -6170,6 +6173,7 @@ class _ResultFileOutputs(_StoreOutputs):
         raise _UpstreamFailed(f"upstream {where} did not succeed ({(record or fresh or inst)['state']})")
 
     def singleton(self, task: str) -> Any:
+        """Return the output of a singleton task."""
         outputs = self._outputs(task)
         return outputs[0][0] if outputs else None
 
@@ -6181,9 +6185,11 @@ class _ResultFileOutputs(_StoreOutputs):
         return self._one(inst)[0]
 
     def array(self, task: str) -> List[Any]:
+        """Return the outputs of an array task in index order."""
         return [output for output, _ in self._outputs(task)]
 
     def hashes(self, task: str) -> List[str]:
+        """Return the output hashes of a task's instances in index order."""
         return [digest for _, digest in self._outputs(task)]
 
 
@@ -7170,6 +7176,7 @@ class Workflow(Flow):
 
     @config.setter
     def config(self, value: "Config") -> None:
+        """Replace the configuration."""
         self._config, self._config_error = value, None
 
     # ------------------------------------------------------------ checks
@@ -7582,6 +7589,7 @@ class _ArgumentParser(argparse.ArgumentParser):
     """argparse that raises instead of exiting, so ``cli()`` can return codes."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
+        """Raise a usage error instead of printing and exiting."""
         raise _UsageError(f"{self.prog}: {message}")
 
 

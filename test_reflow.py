@@ -3415,7 +3415,7 @@ class LiveSchedulerMixin:
     #: Walltime for the walltime-kill test in seconds; None skips it (Slurm's minimum is a minute).
     WALLTIME = None
     #: How long to wait for jobs to finish.
-    TIMEOUT = 25
+    TIMEOUT = 120  # generous: a busy queue delays starts; a healthy one answers in seconds
     #: JobInfo of a job whose afterok dependency failed; None skips the test.
     NEVER = JobInfo("FAILED", "DEPENDENCY_NEVER_SATISFIED")
     #: Emulator ``fail_code`` knobs whose transient failures submit must survive.

@@ -4,7 +4,8 @@
 
 It runs under either implementation: ``reflow`` is whatever the interpreter
 finds (reflow.py through PYTHONPATH, or reflow-hpc in the venv).  The last
-line printed is one JSON object; ``t`` is the timed part in seconds.  With
+line printed is one JSON object; ``t`` is the timed part in seconds (wall),
+``cpu`` its CPU time in this process.  With
 ``$BENCH_PROFILE`` set, the timed part runs under cProfile and the top
 entries are written to that file.
 
@@ -51,10 +52,14 @@ def _profiled(func, *args):
             fh.write(out.getvalue())
 
 
+_CPU = []
+
+
 def _timed(func, *args):
-    """Return (seconds, result) of func(*args)."""
-    start = time.perf_counter()
+    """Return (wall seconds, result) of func(*args); its CPU seconds go to _CPU."""
+    start, cpu = time.perf_counter(), time.process_time()
     result = _profiled(func, *args)
+    _CPU.append(time.process_time() - cpu)
     return time.perf_counter() - start, result
 
 
@@ -235,8 +240,9 @@ def act_fake(n, run_dir):
     arrays = [c for c in cycle_calls if c[0] and "square" in c[1]]
     others = [c for c in cycle_calls if not (c[0] and "square" in c[1])]
     chunk = max(1, fake.max_array_size)
-    return {"t": t_submit + t_cycle, "t_submit": t_submit, "t_cycle": t_cycle, "counts": counts,
-            "array_submits": len(arrays), "other_submits": len(others), "chunks": -(-int(n) // chunk),
+    return {"t": t_submit + t_cycle, "t_submit": t_submit, "t_cycle": t_cycle, "cpu_cycle": _CPU[-1],
+            "counts": counts,
+            "array_submits": len(arrays), "other_submits": [c[1][2] for c in others], "chunks": -(-int(n) // chunk),
             "elements": sum(int(c[0].split("-")[1].split("%")[0]) - int(c[0].split("-")[0]) + 1 for c in arrays),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
@@ -250,6 +256,7 @@ def main(argv):
         # reflow-hpc re-runs the __main__ script (this file) in its dispatch and worker jobs
         return _load_flow().cli(argv)
     data = ACTIONS[argv[0]](*argv[1:])
+    data["cpu"] = sum(_CPU)
     import json
 
     print(json.dumps(data, default=str))
