@@ -2891,6 +2891,8 @@ class FakeSchedulerCase(unittest.TestCase):
             path.chmod(0o755)
         self.work = self.tmp / "work dir"
         self.work.mkdir()
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.work)  # job scripts of resources without a workdir land in the cwd
         patch = {"PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}", "REFLOW_FAKE_DIR": str(self.tmp),
                  "REFLOW_SCHED_RETRIES": "2", "REFLOW_SCHED_BACKOFF": "0", "USER": "alice"}
         saved = {key: os.environ.get(key) for key in patch}

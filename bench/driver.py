@@ -189,6 +189,15 @@ def act_slurm_cli(n, run_dir):
     return {"t": seconds, "status": state, "ok": ok}
 
 
+def _describe_call(call):
+    """Return 'worker square 0-999' style text for a recorded submit."""
+    array, argv = call
+    words = [argv[2]] if len(argv) > 2 else []
+    if "--task" in argv:
+        words.append(argv[argv.index("--task") + 1])
+    return " ".join(words + ([array] if array else []))
+
+
 def act_fake(n, run_dir):
     """Plan + submit N array elements against a recording executor (reflow.py only)."""
     import hashlib
@@ -242,7 +251,7 @@ def act_fake(n, run_dir):
     chunk = max(1, fake.max_array_size)
     return {"t": t_submit + t_cycle, "t_submit": t_submit, "t_cycle": t_cycle, "cpu_cycle": _CPU[-1],
             "counts": counts,
-            "array_submits": len(arrays), "other_submits": [c[1][2] for c in others], "chunks": -(-int(n) // chunk),
+            "array_submits": len(arrays), "other_submits": [_describe_call(c) for c in others], "chunks": -(-int(n) // chunk),
             "elements": sum(int(c[0].split("-")[1].split("%")[0]) - int(c[0].split("-")[0]) + 1 for c in arrays),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 
