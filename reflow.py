@@ -2429,6 +2429,10 @@ class Store(abc.ABC):
         """Fail the still-active instances among ``ids``; return n."""
 
     @abc.abstractmethod
+    def set_reasons(self, pairs: Iterable[Tuple[int, str]]) -> None:
+        """Replace the recorded reason of finished instances (``(id, reason)`` pairs)."""
+
+    @abc.abstractmethod
     def cancel_instances(self, ids: Iterable[int], reason: str = "") -> int:
         """Cancel the cancellable instances among ``ids`` (``reason`` says why); return n."""
 
@@ -3306,6 +3310,12 @@ class SqliteStore(Store):
                             "state = 'FAILED', error_text = ?, reason = ?, finished_at = ?, updated_at = ?",
                             (text, reason or "", now, now))
 
+    def set_reasons(self, pairs: Iterable[Tuple[int, str]]) -> None:
+        """Replace the recorded reason of instances (``(id, reason)`` pairs), in one executemany."""
+        with self.transaction():
+            self._db.executemany("UPDATE task_instances SET reason = ? WHERE id = ?",
+                                 [(reason, instance_id) for instance_id, reason in pairs])
+
     def cancel_instances(self, ids: Iterable[int], reason: str = "") -> int:
         """Cancel the PENDING/SUBMITTED/RUNNING instances among ``ids`` (``reason`` says why); return n."""
         now = _utcnow()
@@ -3733,6 +3743,10 @@ class Executor(abc.ABC):
         """
         return {}
 
+    def array_id(self, job_id: str) -> str:
+        """Return the id of the native array an element id belongs to (a plain job's own id)."""
+        return job_id
+
     def element_id(self, array_id: str, position: int) -> str:
         """Return the id of element ``position`` (native numbering) of an array."""
         return f"{array_id}_{position}"
@@ -4054,6 +4068,10 @@ class _BatchExecutor(Executor):
     def _master_id(self, job_id: str) -> str:
         """Return the id of the array an element id belongs to (the id itself otherwise)."""
         return job_id
+
+    def array_id(self, job_id: str) -> str:
+        """Return the id of the native array an element id belongs to."""
+        return self._master_id(job_id)
 
     def _masters(self, job_ids: Iterable[str]) -> List[str]:
         """Return the distinct master ids of ``job_ids``, in first-seen order."""
@@ -5386,7 +5404,7 @@ class FluxExecutor(_BatchExecutor):
         if mapped == "FAILED":
             reason = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
             return JobInfo("FAILED", f"{exception}: {reason}" if exception else reason, code)
-        return JobInfo(mapped, "" if mapped == "COMPLETED" else (exception or result), code)
+        return JobInfo(mapped, "" if mapped == "COMPLETED" else mapped, code)  # TIMEOUT, CANCELLED
 
     # ----------------------------------------------------- cancel, find
 
@@ -5488,6 +5506,10 @@ class LocalExecutor(Executor):
             subprocess.run(["/bin/sh", "-c", 'exec "$@" &', "sh", *argv], stdin=subprocess.DEVNULL,
                            stdout=runner_log, stderr=runner_log, close_fds=True, check=True)
 
+    def array_id(self, job_id: str) -> str:
+        """Return ``<id>`` of an element id ``<id>_<position>``."""
+        return job_id.split("_")[0]
+
     def element_id(self, array_id: str, position: int) -> str:
         """Return ``<id>_<position>``, as Slurm does."""
         return f"{array_id}_{position}"
@@ -5558,7 +5580,8 @@ class LocalExecutor(Executor):
             state = self._read_state(master)
             if state is None or state["state"] in FINAL_JOB_STATES:
                 continue
-            _kill_group(state.get("pid"))
+            if _is_runner(state.get("pid"), master):  # a dead runner's pid may belong to anyone now
+                _kill_group(state.get("pid"))
             state = self._read_state(master) or state
             if state["state"] not in FINAL_JOB_STATES:
                 state.update(state="CANCELLED", reason="CANCELLED", ended=time.time())
@@ -5580,6 +5603,23 @@ def _exit_state(code: Optional[int], reason: str) -> str:
     if reason in ("TIMEOUT", "CANCELLED"):
         return reason
     return "COMPLETED" if code == 0 else "FAILED"
+
+
+def _is_runner(pid: Optional[int], job_id: str) -> bool:
+    """Tell whether ``pid`` is still the local runner of ``job_id`` (not a recycled pid)."""
+    if not pid:
+        return False
+    if not Path("/proc/self/cmdline").exists():  # no /proc (not Linux): trust a pid that exists
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"_local-job" in argv and job_id.encode() in argv
 
 
 def _kill_group(pid: Optional[int], grace: float = 3.0) -> None:
@@ -5686,9 +5726,10 @@ class _LocalJobRunner:
         after = self.job.get("after") or {}
         pending = list(after.get("ids", []))
         while pending:
-            states = self.executor.job_states(pending)
-            pending = [job_id for job_id in pending if states.get(job_id) not in FINAL_JOB_STATES]
-            bad = [job_id for job_id, state in states.items() if state in FINAL_JOB_STATES and state != "COMPLETED"]
+            states = self.executor.job_states(pending)  # an unknown (vanished) id counts as ended, not ok
+            pending = [job_id for job_id in pending if states.get(job_id) not in FINAL_JOB_STATES
+                       and states.get(job_id) is not None]
+            bad = [job_id for job_id, state in states.items() if state != "COMPLETED" and job_id not in pending]
             if after.get("kind") == "afterok" and bad:
                 self.state.update(state="FAILED", reason="DEPENDENCY_NEVER_SATISFIED", ended=time.time())
                 self._save()
@@ -5976,11 +6017,12 @@ def cancel_run(store: "Store", run_id: str, task_name: Optional[str] = None, exe
     run = _load_run(store, run_id)
     _check_task_name(store, run_id, task_name)
     rows = store.instance_rows(run_id, states=sorted(TaskState.cancellable()), task_name=task_name)
-    job_ids = {row[4] for row in rows if row[4]}
+    executor_obj = _run_executor(run["parameters"], config, executor)
+    job_ids = {executor_obj.array_id(row[4]) for row in rows if row[4]}  # whole arrays: one id each
     if task_name is None and run.get("dispatch_job_id"):
         job_ids.add(run["dispatch_job_id"])
     if job_ids:
-        _run_executor(run["parameters"], config, executor).cancel_many(sorted(job_ids))
+        executor_obj.cancel_many(sorted(job_ids))
     cancelled = store.cancel_instances([row[0] for row in rows])
     if task_name is None:
         store.update_run_status(run_id, RunState.CANCELLED.value)
@@ -6195,6 +6237,8 @@ class _ResultFileOutputs(_StoreOutputs):
 
 #: Reason of an instance that never ran because its upstream failed.
 UPSTREAM_FAILED = "UPSTREAM_FAILED"
+#: Reason a worker records when a signal stopped it; the dispatcher asks the scheduler why (TIMEOUT...).
+INTERRUPTED = "INTERRUPTED"
 
 
 class _UpstreamFailed(ReflowError):
@@ -6458,7 +6502,9 @@ def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Di
             text = f"{type(exc).__name__}: {exc}"
         else:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        return {"state": TaskState.FAILED.value, "output": None, "output_hash": "", "error_text": text}
+        reason = INTERRUPTED if isinstance(exc, TaskInterrupted) else ""
+        return {"state": TaskState.FAILED.value, "output": None, "output_hash": "", "error_text": text,
+                "reason": reason}
     try:
         encoded = DEFAULT_CODEC.dump_value(output)
     except (TypeError, ValueError) as exc:
@@ -6516,6 +6562,7 @@ class _Dispatcher:
         self.live_jobs: List[str] = []
         self.submitted: List[str] = []
         self._waitable: set = set()
+        self.interrupted: set = set()
         self.waiting_for_grace = False
 
     def cycle(self) -> Dict[str, int]:
@@ -6581,6 +6628,7 @@ class _Dispatcher:
             elif path.suffix == ".started":
                 started.append((record["instance_id"], record["attempt"], record.get("started_at")))
             else:
+                record.pop("job_id", None)  # keep the id the job was submitted under (element ids)
                 record["output"] = DEFAULT_CODEC.load_value(record.get("output"))
                 if "input" in record:
                     record["input"] = DEFAULT_CODEC.load_value(record["input"])
@@ -6594,6 +6642,8 @@ class _Dispatcher:
             self.store.cancel_instances(blocked, UPSTREAM_FAILED)
             results = [r for r in results if r.get("reason") != UPSTREAM_FAILED]
         applied, rejected = self.store.apply_results(results) if results else (0, [])
+        self.interrupted = {r["instance_id"] for r in results if r.get("reason") == INTERRUPTED} - {
+            instance_id for instance_id, _ in rejected}
         for instance_id, why in rejected:
             log.info("result of instance %s ignored: %s", instance_id, why)
         self._quarantine(broken)
@@ -6636,7 +6686,9 @@ class _Dispatcher:
         file is failed after a grace period, with the scheduler's reason.
         """
         rows = self.store.instance_rows(self.run_id, states=["SUBMITTED", "RUNNING"])
-        job_ids = sorted({row[4] for row in rows if row[4] and row[4] != "DRYRUN"})
+        stopped = [row for row in self.store.instance_rows(self.run_id, states=["FAILED"])
+                   if row[0] in self.interrupted and row[4]]
+        job_ids = sorted({row[4] for row in rows + stopped if row[4] and row[4] != "DRYRUN"})
         if not job_ids:
             return 0
         try:
@@ -6652,8 +6704,16 @@ class _Dispatcher:
             self.executor.cancel_many(never)
         self.live_jobs = [j for j in job_ids if j in infos and infos[j].state not in FINAL_JOB_STATES
                           and j not in never]
+        self._explain_interrupted(stopped, infos)
         ended = {j for j in job_ids if j not in self.live_jobs}
         return self._fail_lost([row for row in rows if row[4] in ended], infos)
+
+    def _explain_interrupted(self, stopped: Sequence[Tuple], infos: Mapping[str, JobInfo]) -> None:
+        """Replace INTERRUPTED with the scheduler's reason (TIMEOUT, PREEMPTED...) of a stopped worker."""
+        reasons = [(row[0], infos[row[4]].reason or infos[row[4]].state) for row in stopped
+                   if row[4] in infos and infos[row[4]].state in FINAL_JOB_STATES]
+        if reasons:
+            self.store.set_reasons(reasons)
 
     def _fail_lost(self, rows: List[Tuple], infos: Mapping[str, JobInfo]) -> int:
         """Fail instances whose job ended without a result once the grace period is over."""

@@ -14,11 +14,13 @@ import enum
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -32,7 +34,7 @@ import time
 import unittest
 import uuid
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, Dict, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -2805,7 +2807,7 @@ class TestFluxParsers(unittest.TestCase):
                           "13|WEIRD|||"])
         rows = FluxExecutor._parse_jobs(text)
         expected = {"1": ("COMPLETED", "", 0), "2": ("RUNNING", "", None), "3": ("FAILED", "exit 3", 3),
-                    "4": ("CANCELLED", "cancel", -128), "5": ("TIMEOUT", "timeout", -9),
+                    "4": ("CANCELLED", "CANCELLED", -128), "5": ("TIMEOUT", "TIMEOUT", -9),
                     "6": ("FAILED", "DEPENDENCY_NEVER_SATISFIED", -128), "7": ("PENDING", "", None),
                     "8": ("PENDING", "", None), "9": ("RUNNING", "", None), "10": ("PENDING", "", None),
                     "11": ("PENDING", "", None), "12": ("FAILED", "signal 11", -11),
@@ -3682,6 +3684,857 @@ def _env(**values):
         yield
     finally:
         _restore_env(saved)
+
+
+# =============================================================================
+# Backends: one end-to-end suite on six executors
+# =============================================================================
+
+_BK_EMULATORS = Path(os.environ.get("REFLOW_EMULATORS") or Path(reflow.__file__).resolve().parent / "ci" / "emulators")
+_BK_SLOW = os.environ.get("REFLOW_TEST_SLOW") == "1"
+#: REFLOW_TEST_TIMINGS=1 prints how long the pipeline and the wide array took on each backend.
+_BK_TIMINGS = os.environ.get("REFLOW_TEST_TIMINGS") == "1"
+#: Separators of the wrapper log: fields (argv words) and records.
+_BK_FS, _BK_RS = "\x1f", "\x1e\n"
+
+#: A pipeline using every wiring mode, plus a Flow included with a prefix (3 levels deep).
+_BK_PIPELINE = """
+from typing import Annotated
+from reflow import Flow, Param, Result, Workflow
+
+sub = Flow("sub")
+
+
+@sub.job(mem="200M")
+def make(k: Annotated[int, Param(help="size of the included flow")] = 2) -> list[int]:
+    return list(range(1, k + 1))
+
+
+@sub.array_job(mem="200M")
+def inc(x: int = Result(step="make")) -> int:
+    return x + 100
+
+
+wf = Workflow("WFNAME")
+wf.include(sub, prefix="sub")
+
+
+@wf.job(mem="200M")
+def seed(n: Annotated[int, Param(help="fan-out width")] = 3) -> list[int]:
+    return list(range(1, n + 1))
+
+
+@wf.job(array=True, mem="200M")
+def pairs(x: int = Result(step="seed")) -> list[int]:  # fan-out
+    return [x, 10 * x]
+
+
+@wf.job(array=True, mem="200M")
+def scaled(x: int = Result(step="seed"),
+           everything: list[int] = Result(step="seed", broadcast=True)) -> int:  # fan-out + broadcast
+    return x * 100 + len(everything)
+
+
+@wf.job(array=True, mem="200M")
+def chained(pair: list[int] = Result(step="pairs")) -> int:  # chain
+    return sum(pair)
+
+
+@wf.job(array=True, mem="200M")
+def flat(v: int = Result(step="pairs")) -> int:  # chain-flatten
+    return v + 1
+
+
+@wf.job(mem="200M")
+def summary(scaled_all: list[int] = Result(step="scaled"),  # gather
+            flat_pairs: list[int] = Result(step="pairs"),  # gather-flatten
+            sub_all: list[int] = Result(step="sub_inc")) -> dict:  # gather from the included flow
+    return {"scaled": scaled_all, "pairs": flat_pairs, "sub": sub_all}
+
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: Element 1 fails until the file FIXED exists.
+_BK_FLAKY = """
+import os
+from reflow import Result, Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M")
+def seed() -> list[int]:
+    return [0, 1, 2]
+
+
+@wf.job(array=True, mem="200M")
+def square(x: int = Result(step="seed")) -> int:
+    if x == 1 and not os.path.exists(FIXED):
+        raise RuntimeError(f"boom at {x}")
+    return x * x
+
+
+FIXED = "FIXEDPATH"
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: Two elements that note their pid in MARKS, then sleep for a long time.
+_BK_SLEEPY = """
+import os, time
+from reflow import Result, Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M")
+def seed() -> list[int]:
+    return [0, 1]
+
+
+@wf.job(array=True, mem="200M", time="00:10:00")
+def sleepy(x: int = Result(step="seed")) -> int:
+    with open(os.path.join(MARKS, f"{x}.pid"), "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(300)
+    return x
+
+
+MARKS = "MARKSPATH"
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: One task that outlives its walltime (or is killed for memory by the emulators' oom knob).
+_BK_HOG = """
+import time
+from reflow import Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M", time="WALLTIME")
+def hog() -> int:
+    time.sleep(SLEEP)
+    return 1
+
+
+SLEEP = 150
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: A 1,000-element array of tiny elements.
+_BK_WIDE = """
+from reflow import Result, Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M")
+def seed(n: int = 1000) -> list[int]:
+    return list(range(n))
+
+
+@wf.job(array=True, mem="200M", time="00:05:00")
+def tiny(x: int = Result(step="seed")) -> int:
+    return x + 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+
+def _bk_probe(argv: List[str], timeout: float = 30) -> Tuple[bool, str]:
+    """Run a command; return (whether it exited 0, its stdout, with stderr after it when it failed)."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, str(exc)
+    return proc.returncode == 0, proc.stdout + ("" if proc.returncode == 0 else proc.stderr)
+
+
+def _bk_emucore():
+    """Import ci/emulators/emucore.py once (it kills an emulator's runners and jobs)."""
+    module = sys.modules.get("_bk_emucore")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("_bk_emucore", _BK_EMULATORS / "emucore.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_bk_emucore"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def _bk_rows(text: str) -> List[Tuple[str, str, str]]:
+    """Split ``id|name|state`` lines of a job listing."""
+    return [tuple(line.strip().split("|", 2)) for line in text.splitlines() if line.count("|") >= 2]
+
+
+def _bk_tail(path: Path, lines: int = 15) -> str:
+    """Return the last lines of a text file (or why it could not be read)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"<{exc}>"
+
+
+class _BackendScenarios:
+    """The end-to-end scenarios (a mixin: each backend's TestCase sets the class attributes and probes)."""
+
+    #: Executor name passed to ``wf.submit(executor=...)``.
+    BACKEND = ""
+    #: Scheduler commands to wrap (logged, then the real one runs): kind of each command.
+    COMMANDS: Dict[str, str] = {}
+    #: Regex of an element id of a native array (a per-element call); None when elements are jobs (Flux).
+    ELEMENT_ID: Optional[str] = r"^\d+_\d+$"
+    #: Seconds the pipeline may take.
+    PIPELINE_TIMEOUT = 150
+    #: Whether the walltime scenario is slow (needs REFLOW_TEST_SLOW=1) and the walltime it uses.
+    SLOW_WALLTIME, WALLTIME = False, "00:01:00"
+    #: Whether the 1,000-element array needs REFLOW_TEST_SLOW=1.
+    SLOW_WIDE = True
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        problem = cls.unavailable()
+        if problem:
+            message = f"{cls.__name__}: {problem}"
+            if os.environ.get("CI") == "true":
+                raise AssertionError(message + " (CI=true: a missing scheduler is a failure)")
+            raise unittest.SkipTest(message)
+
+    @classmethod
+    def unavailable(cls) -> str:
+        """Return why the backend cannot run here ("" when it can)."""
+        return ""
+
+    # ------------------------------------------------------------ set-up
+
+    def setUp(self) -> None:
+        super().setUp()
+        self._stack = contextlib.ExitStack()
+        try:
+            self._set_up_backend()
+        except BaseException:
+            self._stack.close()
+            super().tearDown()
+            raise
+
+    def _set_up_backend(self) -> None:
+        """Set the backend's environment and put the logging wrappers first on PATH."""
+        (self.tmp / "home").mkdir()
+        self.tag = "t" + uuid.uuid4().hex[:6]
+        self.runs: List[Any] = []
+        self.call_log = self.tmp / "calls.log"
+        self.call_log.touch()
+        self.real: Dict[str, str] = {}
+        env = dict(self.backend_env(), REFLOW_LOST_JOB_GRACE="0", REFLOW_SCHED_BACKOFF="0.2",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(Path(reflow.__file__).resolve().parent),
+                                                            os.environ.get("PYTHONPATH")])))
+        self._stack.enter_context(mock_env(**env))
+        if not self.COMMANDS:
+            return
+        wrappers = self.tmp / "wrap"
+        wrappers.mkdir()
+        search = os.environ["PATH"]
+        for name in sorted({command.split()[0] for command in self.COMMANDS}):
+            real = shutil.which(name, path=search)
+            if real is None:
+                raise AssertionError(f"{name} is not on PATH")
+            self.real[name] = real
+            self._write_wrapper(wrappers / name, name, real)
+        self._stack.enter_context(mock_env(PATH=f"{wrappers}{os.pathsep}{search}"))
+
+    def _write_wrapper(self, path: Path, name: str, real: str) -> None:
+        """Write a wrapper that appends its caller's pid and its argv to the call log, then execs the real command."""
+        path.write_text("#!/bin/sh\n"
+                        f"record=$(printf '%s\\037' \"$PPID\" {shlex.quote(name)} \"$@\")\n"
+                        f"printf '%s\\036\\n' \"$record\" >> {shlex.quote(str(self.call_log))}\n"
+                        f"exec {shlex.quote(real)} \"$@\"\n")
+        path.chmod(0o755)
+
+    def backend_env(self) -> Dict[str, Optional[str]]:
+        """Return environment variables the backend needs during a test."""
+        return {}
+
+    def tearDown(self) -> None:
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                for run in self.runs:
+                    with contextlib.suppress(Exception):
+                        if run.state == "RUNNING":
+                            run.cancel()
+            with contextlib.suppress(Exception):
+                self.kill_leftovers()
+        finally:
+            self._stack.close()
+            super().tearDown()
+
+    def kill_leftovers(self) -> None:
+        """Cancel every job of this test the scheduler still lists (by job name)."""
+
+    # ----------------------------------------------------------- helpers
+
+    def flow(self, template: str, scenario: str, **values: str):
+        """Load a workflow module named ``<scenario><tag>`` from a template."""
+        source = template.replace("WFNAME", f"{scenario}{self.tag}")
+        for key, value in values.items():
+            source = source.replace(key, value)
+        return load_flow(self.tmp, source)
+
+    def submit(self, module, run_dir: str = "run", **params: Any):
+        """Submit a run on this backend and remember it for cleanup."""
+        run = module.wf.submit(self.tmp / run_dir, executor=self.BACKEND, **params)
+        self.runs.append(run)
+        return run
+
+    def wait(self, run, timeout: float, expected: Optional[str] = None) -> str:
+        """Wait for a run to end; fail with diagnostics on a timeout or an unexpected state."""
+        try:
+            state = run.wait(timeout=timeout, poll=0.25)
+        except TimeoutError as exc:
+            self.fail(f"{exc}\n{self.diagnose(run)}")
+        if expected is not None and state != expected:
+            self.fail(f"run ended {state}, expected {expected}\n{self.diagnose(run)}")
+        return state
+
+    def diagnose(self, run) -> str:
+        """Describe a run for a failure message: state, instances, log tails, scheduler calls."""
+        lines = []
+        try:
+            status = run.status(as_dict=True)
+            lines.append(f"run {run.run_id}: {status['run']['status']}; summary {json.dumps(status['summary'])}")
+            for inst in status["instances"]:
+                if inst["state"] != "SUCCESS" or inst["task_name"] in ("summary",):
+                    text = (inst.get("error_text") or "").strip().splitlines()[-3:]
+                    lines.append(f"  {inst['task_name']}[{inst['array_index']}] {inst['state']} job={inst['job_id']} "
+                                 f"attempt={inst['attempt']} reason={inst.get('reason')!r} error={' | '.join(text)}")
+        except Exception as exc:  # diagnostics must not hide the real failure
+            lines.append(f"<status failed: {exc}>")
+        logs = sorted((Path(run.run_dir) / "logs").glob("*"), key=lambda p: p.stat().st_mtime)[-8:]
+        for path in logs:
+            lines.append(f"--- {path.name}\n{_bk_tail(path)}")
+        lines.extend(self.extra_diagnostics())
+        calls = self.calls()
+        if calls:
+            lines.append(f"--- last scheduler calls ({len(calls)} in all)")
+            lines.extend(" ".join(argv)[:300] for argv in calls[-15:])
+        return "\n".join(lines)
+
+    def extra_diagnostics(self) -> List[str]:
+        """Return backend-specific diagnostic lines (queue state, emulator runner log)."""
+        return []
+
+    def calls(self) -> List[List[str]]:
+        """Return the logged scheduler calls, oldest first, each as its argv (command name first)."""
+        return [argv for _, argv in self.calls_with_callers()]
+
+    def calls_with_callers(self) -> List[Tuple[str, List[str]]]:
+        """Return the logged calls as (pid of the calling process, argv); a dispatch cycle is one process."""
+        text = self.call_log.read_text(errors="replace")
+        records = [record.split(_BK_FS)[:-1] for record in text.split(_BK_RS) if record]
+        return [(record[0], record[1:]) for record in records]
+
+    def kind(self, argv: List[str]) -> str:
+        """Classify a logged call: submit, status (fallback: the second half of a state query), cancel, probe."""
+        for command, kind in self.COMMANDS.items():
+            words = command.split()
+            if argv[:len(words)] == words:
+                return kind
+        return "other"
+
+    def count_calls(self, calls: List[List[str]], wf_name: str) -> Dict[str, Any]:
+        """Count calls by kind; split submissions into dispatch jobs and task jobs (by job name)."""
+        counts: Dict[str, Any] = {"submit": 0, "status": 0, "fallback": 0, "cancel": 0, "probe": 0, "other": 0,
+                                  "dispatch": 0, "tasks": []}
+        name = re.compile(rf"^(?:--job-name=)?{re.escape(wf_name)}-(\w+)")
+        for argv in calls:
+            kind = self.kind(argv)
+            counts[kind] += 1
+            if kind != "submit":
+                continue
+            names = [m.group(1) for m in map(name.match, argv[1:]) if m]
+            if names and names[0] == "dispatch":
+                counts["dispatch"] += 1
+            else:
+                counts["tasks"].append(names[0] if names else "?")
+        return counts
+
+    def element_calls(self, calls: List[List[str]]) -> List[str]:
+        """Return the calls that name a single element of a native array."""
+        if not self.ELEMENT_ID:
+            return []
+        pattern = re.compile(self.ELEMENT_ID)
+        bad = []
+        for argv in calls:
+            words = [w for arg in argv[1:] for w in re.split(r"[\s,:=()&|\"']+", arg)]
+            if any(pattern.match(word) for word in words):
+                bad.append(" ".join(argv)[:300])
+        return bad
+
+    def expected_task_submits(self, run) -> Dict[str, int]:
+        """Return {task: submissions} a run needs: one per array (per max_array_size chunk), one per singleton."""
+        size = reflow.resolve_executor(self.BACKEND).max_array_size
+        fresh: Dict[str, int] = {}
+        specs = {spec["task_name"]: spec for spec in run.store.get_task_specs(run.run_id)}
+        for inst in run.store.list_task_instances(run.run_id):
+            if not inst["cached"]:
+                fresh[inst["task_name"]] = fresh.get(inst["task_name"], 0) + 1
+        return {task: (-(-count // size) if specs[task]["is_array"] else count) for task, count in fresh.items()}
+
+    def dispatch_logs(self, run, at_least: int) -> int:
+        """Return how many dispatch jobs left a log (waiting a moment for late log copies)."""
+        deadline = time.monotonic() + 15
+        while True:
+            found = len(list((Path(run.run_dir) / "logs").glob("dispatch-*.out")))
+            if found >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.25)
+
+    def check_calls(self, run, calls: List[List[str]], wf_name: str) -> Dict[str, Any]:
+        """Assert the scheduler-call budget of a finished run; return the counts.
+
+        Submits = one per array + one per singleton + the dispatch jobs; status
+        queries <= dispatch cycles (the in-process one and each dispatch job),
+        and no cycle (one process) queries twice; no call names a single
+        array element.  Where a state query takes two commands (Slurm's sacct
+        then squeue, Grid Engine's qstat then qacct), each is held to this.
+        """
+        counts = self.count_calls(calls, wf_name)
+        expected = self.expected_task_submits(run)
+        info = f"{json.dumps(counts)}\nexpected task submits {expected}\n{self.diagnose(run)}"
+        got: Dict[str, int] = {}
+        for task in counts["tasks"]:
+            got[task] = got.get(task, 0) + 1
+        self.assertEqual(got, expected, f"task submissions differ\n{info}")
+        self.assertEqual(counts["submit"], sum(expected.values()) + counts["dispatch"], info)
+        dispatch_jobs = self.dispatch_logs(run, counts["dispatch"])
+        self.assertEqual(dispatch_jobs, counts["dispatch"], f"dispatch jobs that ran vs submitted\n{info}")
+        cycles = counts["dispatch"] + 1
+        self.assertLessEqual(counts["status"], cycles, f"more status queries than dispatch cycles\n{info}")
+        self.assertLessEqual(counts["fallback"], cycles, f"more status queries than dispatch cycles\n{info}")
+        per_cycle: Dict[Tuple[str, str], int] = {}
+        for caller, argv in self.calls_with_callers():
+            if self.kind(argv) in ("status", "fallback", "probe"):
+                key = (caller, self.kind(argv))
+                per_cycle[key] = per_cycle.get(key, 0) + 1
+        busy = {f"{kind} by pid {caller}": n for (caller, kind), n in per_cycle.items() if n > 1}
+        self.assertEqual(busy, {}, f"a dispatch cycle queried the scheduler more than once\n{info}")
+        self.assertEqual(counts["cancel"], 0, info)
+        self.assertEqual(self.element_calls(calls), [], f"per-element scheduler calls\n{info}")
+        return counts
+
+    def live_jobs(self) -> List[Tuple[str, str, str]]:
+        """Return (id, name, state) of this user's unfinished jobs, asking the real scheduler."""
+        return []
+
+    def our_live_jobs(self, prefix: str) -> List[Tuple[str, str, str]]:
+        """Return the unfinished jobs whose name starts with ``prefix``."""
+        return [job for job in self.live_jobs() if job[1].startswith(prefix)]
+
+    def running_state(self, state: str) -> bool:
+        """Tell whether a state word of :meth:`live_jobs` means running."""
+        return state in ("RUNNING", "R", "RUN", "r")
+
+    def until(self, predicate, timeout: float, what: str, run=None):
+        """Poll ``predicate`` until it returns something true; fail with ``what`` on a timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                self.fail(f"timed out after {timeout:g}s waiting for {what}\n" + (self.diagnose(run) if run else ""))
+            time.sleep(0.25)
+
+    # --------------------------------------------------------- scenarios
+
+    def test_a_pipeline_cache_and_scheduler_calls(self) -> None:
+        """Fan-out, gather, chain, chain/gather-flatten, broadcast and an included Flow in one run; resubmit hits."""
+        module = self.flow(_BK_PIPELINE, "pipe")
+        wf_name = module.wf.name
+        started = time.monotonic()
+        run = self.submit(module, n=3, k=2)
+        self.wait(run, self.PIPELINE_TIMEOUT, "SUCCESS")
+        elapsed = time.monotonic() - started
+        store, rid = run.store, run.run_id
+        self.assertEqual(store.get_array_outputs(rid, "pairs"), [[1, 10], [2, 20], [3, 30]])
+        self.assertEqual(store.get_array_outputs(rid, "scaled"), [103, 203, 303])
+        self.assertEqual(store.get_array_outputs(rid, "chained"), [11, 22, 33])
+        self.assertEqual(store.get_array_outputs(rid, "flat"), [2, 11, 3, 21, 4, 31])
+        self.assertEqual(store.get_array_outputs(rid, "sub_inc"), [101, 102])
+        self.assertEqual(store.get_singleton_output(rid, "summary"),
+                         {"scaled": [103, 203, 303], "pairs": [1, 10, 2, 20, 3, 30], "sub": [101, 102]})
+        self.assertEqual(len(store.list_task_instances(rid)), 20)
+        first_calls = self.calls()
+        if self.COMMANDS:
+            counts = self.check_calls(run, first_calls, wf_name)
+            if _BK_TIMINGS:
+                sys.stderr.write(f"\n[{self.BACKEND}] pipeline {elapsed:.1f}s, {counts['dispatch']} dispatch jobs, "
+                                 f"{counts['status']}+{counts['fallback']} status queries, "
+                                 f"{counts['submit']} submits\n")
+        else:
+            self.check_local_submits(run, wf_name)
+        spooled = self.local_submits(run)
+        again = self.submit(module, n=3, k=2)
+        self.wait(again, 60, "SUCCESS")
+        instances = again.store.list_task_instances(again.run_id)
+        cached = {(i["task_name"], i["array_index"]): i["cached"] for i in instances}
+        self.assertEqual(len(cached), 20)
+        self.assertTrue(all(cached.values()), [key for key, hit in cached.items() if not hit])
+        self.assertEqual(again.store.get_singleton_output(again.run_id, "summary")["sub"], [101, 102])
+        later = self.calls()[len(first_calls):]
+        self.assertEqual([argv for argv in later if self.kind(argv) == "submit"], [],
+                         "a resubmit of cached work submitted jobs")
+        self.assertEqual(self.local_submits(again), spooled, "a resubmit of cached work started local jobs")
+
+    def local_submits(self, run) -> List[str]:
+        """Return the names of the jobs the local executor started for a run dir (its spool)."""
+        spool = Path(run.run_dir) / ".reflow" / "local"
+        return sorted(json.loads(p.read_text())["name"] for p in spool.glob("*.job"))
+
+    def check_local_submits(self, run, wf_name: str) -> None:
+        """The local executor's spool holds one job per array or singleton, plus the dispatch jobs."""
+        names = self.local_submits(run)
+        expected = self.expected_task_submits(run)
+        tasks = [n[len(wf_name) + 1:].split("-")[0] for n in names if n != f"{wf_name}-dispatch"]
+        self.assertEqual(sorted(tasks), sorted(t for t, c in expected.items() for _ in range(c)), names)
+        dispatch = names.count(f"{wf_name}-dispatch")
+        self.assertEqual(self.dispatch_logs(run, dispatch), dispatch, names)
+
+    def test_b_failing_element_then_retry(self) -> None:
+        """One element fails on the first attempt; retry resubmits only it and the run succeeds."""
+        fixed = self.tmp / "fixed"
+        module = self.flow(_BK_FLAKY, "flaky", FIXEDPATH=str(fixed))
+        run = self.submit(module)
+        self.wait(run, 120, "FAILED")
+        status = run.status(as_dict=True)
+        failed = [(i["task_name"], i["array_index"], i["state"]) for i in status["failed_instances"]]
+        self.assertEqual(failed, [("square", 1, "FAILED")], self.diagnose(run))
+        self.assertIn("boom at 1", status["failed_instances"][0]["error_text"])
+        self.assertEqual(run.store.task_state_summary(run.run_id)["square"], {"SUCCESS": 2, "FAILED": 1})
+        fixed.write_text("ok")
+        before = len(self.calls())
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(run.retry(), 1)
+        self.wait(run, 120, "SUCCESS")
+        square = run.store.get_task_instance(run.run_id, "square", 1)
+        self.assertEqual((square["state"], square["attempt"]), ("SUCCESS", 1))
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "square"), [0, 1, 4])
+        if self.COMMANDS:
+            counts = self.count_calls(self.calls()[before:], module.wf.name)
+            self.assertEqual(counts["tasks"], ["square"], f"{counts}\n{self.diagnose(run)}")
+            self.assertEqual(self.element_calls(self.calls()), [])
+
+    def test_c_cancel_mid_run(self) -> None:
+        """Cancel while the elements run: the run and its instances end CANCELLED and the queue is clean."""
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        module = self.flow(_BK_SLEEPY, "cancel", MARKSPATH=str(marks))
+        prefix = f"{module.wf.name}-"
+        run = self.submit(module)
+
+        def both_running():
+            pids = [p.read_text() for p in marks.glob("*.pid")]
+            if len(pids) < 2 or not all(pids):
+                return None
+            states = {inst["state"] for inst in run.store.list_task_instances(run.run_id, "sleepy")}
+            if not states <= {"SUBMITTED", "RUNNING"}:
+                return None
+            if self.COMMANDS and not any(self.running_state(job[2]) for job in self.our_live_jobs(prefix)):
+                return None
+            return [int(p) for p in pids]
+
+        pids = self.until(both_running, 120, "both elements to run", run)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(run.cancel(), 2)
+        self.assertEqual(run.state, "CANCELLED")
+        self.assertEqual(run.store.task_state_summary(run.run_id)["sleepy"], {"CANCELLED": 2})
+        self.assertEqual(run.store.task_state_summary(run.run_id)["seed"], {"SUCCESS": 1})
+        if self.COMMANDS:
+            self.until(lambda: not self.our_live_jobs(prefix), 60, "the scheduler to forget the run's jobs", run)
+        self.until(lambda: not [pid for pid in pids if _alive(pid)], 30, "the element processes to end", run)
+        self.assertEqual(run.state, "CANCELLED")
+        if self.COMMANDS:
+            cancels = [argv for argv in self.calls() if self.kind(argv) == "cancel"]
+            self.assertEqual(len(cancels), 1, cancels)
+            self.assertEqual(self.element_calls(self.calls()), [], "cancel named each array element, not the array")
+
+    def test_e_timeout_reason_in_status(self) -> None:
+        """A task that outlives its walltime fails with the scheduler's TIMEOUT reason."""
+        if self.SLOW_WALLTIME and not _BK_SLOW:
+            self.skipTest(f"{self.BACKEND}'s shortest walltime is {self.WALLTIME}: set REFLOW_TEST_SLOW=1")
+        module = self.flow(_BK_HOG, "late", WALLTIME=self.WALLTIME)
+        run = self.submit(module)
+        self.wait(run, reflow.parse_time(self.WALLTIME) * self.walltime_factor() + 90, "FAILED")
+        hog = run.store.get_task_instance(run.run_id, "hog", None)
+        self.assertEqual(hog["state"], "FAILED")
+        if self.COMMANDS:
+            self.check_calls(run, self.calls(), module.wf.name)
+        text = f"{hog.get('reason')} {hog.get('error_text')}"
+        self.assertRegex(text, r"TIMEOUT|walltime|RUNLIMIT|run ?time limit|h_rt",
+                         f"no walltime reason in status\n{self.diagnose(run)}")
+
+    def walltime_factor(self) -> float:
+        """Return how much of its walltime a job really gets (the emulators scale it)."""
+        return 1.0
+
+    def test_f_thousand_element_array(self) -> None:
+        """A 1,000-element array of tiny elements succeeds with one submission."""
+        if self.SLOW_WIDE and not _BK_SLOW:
+            self.skipTest("the 1,000-element array is slow here: set REFLOW_TEST_SLOW=1")
+        module = self.flow(_BK_WIDE, "wide")
+        started = time.monotonic()
+        run = self.submit(module)
+        self.wait(run, 900, "SUCCESS")
+        elapsed = time.monotonic() - started
+        outputs = run.store.get_array_outputs(run.run_id, "tiny")
+        self.assertEqual(outputs, list(range(1, 1001)))
+        if self.COMMANDS:
+            counts = self.check_calls(run, self.calls(), module.wf.name)
+            self.assertEqual(sorted(counts["tasks"]), ["seed", "tiny"])
+        if _BK_TIMINGS:
+            sys.stderr.write(f"\n[{self.BACKEND}] 1,000-element array {elapsed:.1f}s\n")
+
+
+# ----------------------------------------------------------- real schedulers
+
+
+class SlurmBackendTest(_BackendScenarios, TempDirTest):
+    """The scenarios on the real Slurm of this machine (ci/slurm-up.sh)."""
+
+    BACKEND = "slurm"
+    # squeue completes sacct (the controller's view while slurmdbd lags), as spec.md's state-query row says.
+    COMMANDS = {"sbatch": "submit", "sacct": "status", "squeue": "fallback", "scancel": "cancel"}
+    ELEMENT_ID = r"^\d+_\d+$"
+    SLOW_WALLTIME, WALLTIME = True, "00:01:00"
+
+    @classmethod
+    def unavailable(cls) -> str:
+        if not shutil.which("sbatch"):
+            return "Slurm is not installed (no sbatch on PATH)"
+        ok, text = _bk_probe(["sinfo", "-h", "-o", "%T"])
+        if not ok:
+            return f"sinfo failed: {text.strip()[:200]}"
+        if not re.search(r"idle|mix|alloc", text):
+            return f"no usable Slurm node (sinfo: {text.strip()[:100]})"
+        return ""
+
+    def live_jobs(self) -> List[Tuple[str, str, str]]:
+        return _bk_rows(_bk_probe([self.real["squeue"], "-h", "-o", "%i|%j|%T"])[1])
+
+    def kill_leftovers(self) -> None:
+        ids = [job[0] for job in self.live_jobs() if self.tag in job[1]]
+        if ids:
+            subprocess.run([self.real["scancel"], *ids], capture_output=True, timeout=30)
+
+    def extra_diagnostics(self) -> List[str]:
+        text = _bk_probe([self.real["squeue"], "-o", "%i %j %T %r"])[1]
+        return ["--- squeue", text.strip()[-1500:]]
+
+
+class SGEBackendTest(_BackendScenarios, TempDirTest):
+    """The scenarios on the real Grid Engine of this machine (ci/sge-up.sh)."""
+
+    BACKEND = "sge"
+    # qacct completes qstat (which forgets finished jobs), as spec.md's state-query row says.
+    COMMANDS = {"qsub": "submit", "qstat": "status", "qacct": "fallback", "qdel": "cancel"}
+    ELEMENT_ID = r"^\d+\.\d+$"
+    SLOW_WALLTIME, WALLTIME = False, "00:00:05"
+
+    @classmethod
+    def unavailable(cls) -> str:
+        env = dict(os.environ, SGE_ROOT=os.environ.get("SGE_ROOT") or "/var/lib/gridengine",
+                   SGE_CELL=os.environ.get("SGE_CELL") or "default")
+        if not shutil.which("qsub") or not Path(env["SGE_ROOT"], env["SGE_CELL"]).is_dir():
+            return f"Grid Engine is not installed (qsub on PATH, {env['SGE_ROOT']}/{env['SGE_CELL']})"
+        try:
+            proc = subprocess.run(["qstat", "-f"], capture_output=True, text=True, timeout=20, env=env)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"qstat -f failed: {exc}"
+        if proc.returncode != 0:
+            return f"qstat -f failed: {(proc.stdout + proc.stderr).strip()[:200]}"
+        queues = re.findall(r"^(\S+@\S+)\s+\S+\s+\S+\s+\S+\s+\S+[ \t]*(\S*)$", proc.stdout, re.M)
+        if not any(not re.search(r"[uEdDsSaAC]", states) for _, states in queues):
+            return f"no usable queue instance (execd down?):\n{proc.stdout[:500]}"
+        return ""
+
+    def backend_env(self) -> Dict[str, Optional[str]]:
+        return {"SGE_ROOT": os.environ.get("SGE_ROOT") or "/var/lib/gridengine",
+                "SGE_CELL": os.environ.get("SGE_CELL") or "default"}
+
+    def _set_up_backend(self) -> None:
+        super()._set_up_backend()
+        # Grid Engine may start jobs through a login shell (login_shells), whose profile resets PATH
+        # even with qsub -V: name the wrappers in REFLOW_<CMD> too, so the dispatch jobs use them.
+        wrappers = {f"REFLOW_{name.upper()}": str(self.tmp / "wrap" / name) for name in self.real}
+        self._stack.enter_context(mock_env(**wrappers))
+
+    def live_jobs(self) -> List[Tuple[str, str, str]]:
+        jobs = []
+        for block in re.findall(r"<job_list[^>]*>(.*?)</job_list>", _bk_probe([self.real["qstat"], "-xml"])[1], re.S):
+            fields = [re.search(rf"<{tag}>(.*?)</{tag}>", block, re.S) for tag in ("JB_job_number", "JB_name",
+                                                                                  "state")]
+            if all(fields):
+                jobs.append(tuple(f.group(1).strip() for f in fields))
+        return jobs
+
+    def kill_leftovers(self) -> None:
+        ids = sorted({job[0] for job in self.live_jobs() if self.tag in job[1]})
+        if ids:
+            subprocess.run([self.real["qdel"], "-f", ",".join(ids)], capture_output=True, timeout=30)
+
+    def extra_diagnostics(self) -> List[str]:
+        text = _bk_probe([self.real["qstat"], "-f"])[1]
+        return ["--- qstat -f", text.strip()[-1500:]]
+
+    def walltime_factor(self) -> float:
+        return 6.0  # execd notices h_rt on its load report cycle
+
+
+# ------------------------------------------------------------------ emulators
+
+
+class _EmulatedBackend(_BackendScenarios):
+    """A backend played by an emulator of ci/emulators with a private state directory."""
+
+    EMULATOR = ""
+    SLOW_WALLTIME, WALLTIME = False, "00:01:00"
+    #: Emulator knobs of every test; the walltime test scales walltimes down.
+    KNOBS = {"exiting": 0.05, "kill_delay": 0.5}
+    #: What status must say about a job the emulator killed for memory.
+    OOM_REASON = r"OUT_OF_MEMORY|mem(ory)? (limit|exceeded)|MEMLIMIT"
+    WALLTIME_SCALE = 0.05
+
+    @classmethod
+    def unavailable(cls) -> str:
+        bin_dir = _BK_EMULATORS / cls.EMULATOR / "bin"
+        if not bin_dir.is_dir():
+            return f"no emulator at {bin_dir} (set REFLOW_EMULATORS)"
+        return ""
+
+    def backend_env(self) -> Dict[str, Optional[str]]:
+        self.state_dir = self.tmp / "emu"
+        self.state_dir.mkdir()
+        (self.state_dir / "knobs.json").write_text(json.dumps(self.KNOBS))
+        bin_dir = _BK_EMULATORS / self.EMULATOR / "bin"
+        return {"EMU_STATE_DIR": str(self.state_dir), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    def set_knobs(self, **values: Any) -> None:
+        """Change emulator knobs of this test (read on every scheduler call)."""
+        path = self.state_dir / "knobs.json"
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), **values)))
+
+    def kill_leftovers(self) -> None:
+        _bk_emucore().kill_all(str(self.state_dir))
+
+    def extra_diagnostics(self) -> List[str]:
+        runner_log = self.state_dir / "runner.log"
+        return [f"--- emulator runner.log\n{_bk_tail(runner_log)}"] if runner_log.exists() else []
+
+    def walltime_factor(self) -> float:
+        return self.WALLTIME_SCALE * 4
+
+    def test_e_timeout_reason_in_status(self) -> None:
+        self.set_knobs(walltime_scale=self.WALLTIME_SCALE)
+        super().test_e_timeout_reason_in_status()
+
+    def test_e_oom_reason_in_status(self) -> None:
+        """A job the emulator kills for memory fails with an out-of-memory reason in status."""
+        module = self.flow(_BK_HOG, "oom", WALLTIME="00:10:00")
+        self.set_knobs(oom=f"{module.wf.name}-hog*", oom_after=0.5)
+        run = self.submit(module)
+        self.wait(run, 90, "FAILED")
+        hog = run.store.get_task_instance(run.run_id, "hog", None)
+        self.check_calls(run, self.calls(), module.wf.name)
+        text = f"{hog.get('reason')} {hog.get('error_text')}"
+        self.assertRegex(text, self.OOM_REASON, f"no memory reason in status\n{self.diagnose(run)}")
+
+
+class PBSEmulatedTest(_EmulatedBackend, TempDirTest):
+    """The scenarios on the PBS Pro emulator."""
+
+    BACKEND, EMULATOR = "pbs", "pbs"
+    COMMANDS = {"qsub": "submit", "qstat --version": "probe", "qstat": "status", "qdel": "cancel"}
+    ELEMENT_ID = r"^\d+\[\d+\](?:\.\S+)?$"
+
+    def live_jobs(self) -> List[Tuple[str, str, str]]:
+        jobs = json.loads(_bk_probe([self.real["qstat"], "-f", "-F", "json", "-t"])[1] or "{}").get("Jobs") or {}
+        return [(job_id, str(attrs.get("Job_Name", "")), str(attrs.get("job_state", "")))
+                for job_id, attrs in jobs.items() if attrs.get("job_state") not in ("F", "X")]
+
+
+class LSFEmulatedTest(_EmulatedBackend, TempDirTest):
+    """The scenarios on the IBM LSF emulator (its -W counts whole minutes)."""
+
+    BACKEND, EMULATOR = "lsf", "lsf"
+    COMMANDS = {"bsub": "submit", "bjobs": "status", "bkill": "cancel"}
+    ELEMENT_ID = r"^\d+\[\d+\]$"
+
+    def live_jobs(self) -> List[Tuple[str, str, str]]:
+        return _bk_rows(_bk_probe([self.real["bjobs"], "-noheader", "-o", "jobid job_name stat delimiter='|'"])[1])
+
+
+class FluxEmulatedTest(_EmulatedBackend, TempDirTest):
+    """The scenarios on the Flux emulator (no native arrays: ``--cc`` makes one job per element)."""
+
+    BACKEND, EMULATOR = "flux", "flux"
+    COMMANDS = {"flux submit": "submit", "flux batch": "submit", "flux jobs": "status", "flux cancel": "cancel",
+                "flux": "other"}
+    ELEMENT_ID = None  # every element is a job of its own; the submit count is what matters
+    # flux jobs shows an OOM kill as result FAILED, returncode -9; only the job shell's stderr says "oom".
+    OOM_REASON = r"signal 9"
+
+    def test_e_oom_reason_in_status(self) -> None:
+        super().test_e_oom_reason_in_status()
+        (err,) = (Path(self.runs[-1].run_dir) / "logs").glob("hog-*.err")
+        self.assertIn("out of memory", err.read_text())
+
+    def live_jobs(self) -> List[Tuple[str, str, str]]:
+        return _bk_rows(_bk_probe([self.real["flux"], "jobs", "-n", "-o", "{id.dec}|{name}|{state}"])[1])
+
+    def running_state(self, state: str) -> bool:
+        return state in ("RUN", "R")
+
+
+# ---------------------------------------------------------------------- local
+
+
+class LocalBackendTest(_BackendScenarios, TempDirTest):
+    """The scenarios on the local executor (no scheduler commands: its spool is counted instead)."""
+
+    BACKEND = "local"
+    COMMANDS = {}
+    ELEMENT_ID = None
+    SLOW_WALLTIME, WALLTIME = False, "00:00:02"
+
+    def backend_env(self) -> Dict[str, Optional[str]]:
+        # Local jobs share cpu-slot locks under $TMPDIR with every local job of the user; a private
+        # TMPDIR keeps other suites' sleeping elements from starving this test.
+        (self.tmp / "tmp").mkdir()
+        return {"TMPDIR": str(self.tmp / "tmp")}
+
+    def kill_leftovers(self) -> None:
+        """Let the local runners of the test's runs finish (they still write their spool), then kill the rest."""
+        for spool in self.tmp.glob("*/.reflow/local"):
+            executor = reflow.LocalExecutor(spool=spool)
+            ids = [path.stem for path in spool.glob("*.job")]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(state not in reflow.FINAL_JOB_STATES
+                                                      for state in executor.job_states(ids).values()):
+                time.sleep(0.1)
+            executor.cancel_many(ids)
+            time.sleep(0.3)  # a runner writes its final state after its last element
+
+    def walltime_factor(self) -> float:
+        return 5.0
 
 
 def main() -> int:

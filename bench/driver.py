@@ -250,8 +250,8 @@ def act_fake(n, run_dir):
     others = [c for c in cycle_calls if not (c[0] and "square" in c[1])]
     chunk = max(1, fake.max_array_size)
     return {"t": t_submit + t_cycle, "t_submit": t_submit, "t_cycle": t_cycle, "cpu_cycle": _CPU[-1],
-            "counts": counts,
-            "array_submits": len(arrays), "other_submits": [_describe_call(c) for c in others], "chunks": -(-int(n) // chunk),
+            "counts": counts, "array_submits": len(arrays), "other_submits": [_describe_call(c) for c in others],
+            "chunks": -(-int(n) // chunk),
             "elements": sum(int(c[0].split("-")[1].split("%")[0]) - int(c[0].split("-")[0]) + 1 for c in arrays),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
 

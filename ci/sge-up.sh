@@ -31,15 +31,12 @@ ME=sge-up
 TUNABLES=(SGE_SLOTS SGE_MAX_AJ_TASKS HPC_CI_USER HPC_CI_LOGDIR HPC_CI_APT_MAX_AGE SKIP_INSTALL)
 
 # --------------------------------------------------------------------------
-# 0. root (or sudo), logging, failure reporting
+# 0. root (or sudo), logging, failure reporting (functions: ci/lib.sh)
 # --------------------------------------------------------------------------
-if [[ $(id -u) -ne 0 ]]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    envs=(); for v in "${TUNABLES[@]}"; do [[ -n ${!v+x} ]] && envs+=("$v=${!v}"); done
-    exec sudo -n env "${envs[@]}" "$(readlink -f "$0")" "$@"
-  fi
-  echo "$ME: must run as root (or with passwordless sudo)" >&2; exit 1
-fi
+HERE=$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
+need_root "$@"
 
 export SGE_ROOT=/var/lib/gridengine
 export SGE_CELL=default
@@ -47,42 +44,9 @@ COMMON=$SGE_ROOT/$SGE_CELL/common
 QSPOOL=/var/spool/gridengine/qmaster
 ESPOOL=/var/spool/gridengine/execd
 STATE=/run/hpc-ci/sge            # pid records of daemons WE started
-CI_LOGDIR=${HPC_CI_LOGDIR:-/var/log/hpc-ci}
-LOG=$CI_LOGDIR/$ME.log
-APTLOG=$CI_LOGDIR/apt.log
-mkdir -p "$CI_LOGDIR" "$STATE"
-# one up/down at a time (several developers may call it at once); fd 8 must
-# not leak into the daemons, or they would hold the lock forever (see spawn)
-exec 8>"$STATE/lock"
-flock -w 900 8 || { echo "$ME: timed out waiting for $STATE/lock" >&2; exit 1; }
-exec 3>&1 4>&2 >"$LOG" 2>&1      # fd 3/4 = caller's stdout/stderr
+open_log
 T_START=$(date +%s.%N)
-
-log() { printf '[%s %(%H:%M:%S)T] %s\n' "$ME" -1 "$*"; }
-TMP_POLICY=0       # 1 while our temporary /usr/sbin/policy-rc.d exists
-cleanup_policy() { [[ $TMP_POLICY == 1 ]] && rm -f /usr/sbin/policy-rc.d; TMP_POLICY=0; }
-# die MSG [LOGFILE...]: print our log tail + the named logs' tails, exit 1
-die() {
-  trap - ERR
-  log "ERROR: $1"
-  cleanup_policy
-  {
-    echo "$ME: FAILED: $1"
-    local f
-    for f in "$LOG" "${@:2}"; do
-      [[ -s $f ]] || continue
-      echo "----- last lines of $f"
-      tail -n 25 "$f"
-    done
-  } >&4
-  exit 1
-}
 trap 'die "command failed (line $LINENO): $BASH_COMMAND" "$QSPOOL/messages"' ERR
-elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
-# has GREP-ARGS: like `grep -q` but reads all input: under pipefail, `cmd | grep -q`
-# fails with 141 whenever cmd is still writing when grep exits (apt-cache does)
-has() { grep "$@" >/dev/null; }
 
 HOST=$(hostname)
 SLOTS=${SGE_SLOTS:-16}
@@ -97,55 +61,15 @@ is_uint "$MAX_AJ" && ((MAX_AJ > 0)) || die "SGE_MAX_AJ_TASKS must be a positive 
 #    policy-rc.d keeps package scripts from starting daemons.
 # --------------------------------------------------------------------------
 PKGS=(gridengine-common gridengine-master gridengine-exec gridengine-client)
-INSTALL_NOTE=""
-pkg_ok() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | has 'install ok installed'; }
-missing_pkgs() { local p; for p in "${PKGS[@]}"; do pkg_ok "$p" || echo "$p"; done; }
-# lists are missing/stale if a package has no candidate or the newest list is old
-apt_lists_stale() {
-  local p newest
-  for p in "$@"; do
-    apt-cache policy "$p" 2>/dev/null | has 'Candidate: [0-9]' || return 0
-  done
-  newest=$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -printf '%T@\n' 2>/dev/null | sort -n | tail -1)
-  [[ -z $newest ]] && return 0
-  (( $(date +%s) - ${newest%.*} > ${HPC_CI_APT_MAX_AGE:-604800} ))
+# preseed_cell: let the postinst create the cell non-interactively
+# shellcheck disable=SC2317  # called through install_pkgs
+preseed_cell() {
+  printf '%s\n' \
+    "gridengine-common shared/gridengineconfig boolean true" \
+    "gridengine-common shared/gridenginecell string $SGE_CELL" \
+    "gridengine-common shared/gridenginemaster string $HOST" | debconf-set-selections
 }
-apt_q() { DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 "$@" >>"$APTLOG" 2>&1; }
-install_pkgs() {
-  local missing updated=0 t0
-  mapfile -t missing < <(missing_pkgs)
-  ((${#missing[@]})) || return 0
-  [[ ${SKIP_INSTALL:-0} == 1 ]] && die "missing packages: ${missing[*]} (SKIP_INSTALL=1)"
-  exec 9>/run/hpc-ci/apt.lock
-  flock 9
-  mapfile -t missing < <(missing_pkgs)       # the other script may have installed some
-  if ((${#missing[@]})); then
-    t0=$(date +%s.%N)
-    log "installing: ${missing[*]} (apt output: $APTLOG)"
-    printf '%s\n' \
-      "gridengine-common shared/gridengineconfig boolean true" \
-      "gridengine-common shared/gridenginecell string $SGE_CELL" \
-      "gridengine-common shared/gridenginemaster string $HOST" | debconf-set-selections
-    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
-      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; TMP_POLICY=1
-    fi
-    if apt_lists_stale "${missing[@]}"; then
-      log "apt-get update"; apt_q update || die "apt-get update failed" "$APTLOG"; updated=1
-    fi
-    if ! apt_q install -y --no-install-recommends "${missing[@]}"; then
-      # an old list may name .debs the mirror no longer has: refresh once, retry
-      [[ $updated == 1 ]] && die "apt-get install failed" "$APTLOG"
-      log "install failed, apt-get update and retry"
-      apt_q update || die "apt-get update failed" "$APTLOG"
-      apt_q install -y --no-install-recommends "${missing[@]}" || die "apt-get install failed" "$APTLOG"
-    fi
-    cleanup_policy
-    INSTALL_NOTE=", installed ${#missing[@]} packages in $(elapsed "$t0")s"
-    log "installed in $(elapsed "$t0")s"
-  fi
-  flock -u 9; exec 9>&-
-}
-install_pkgs
+install_pkgs preseed_cell
 
 # cell not initialised (e.g. packages were installed with gridengineconfig=false)
 if [[ ! -f $COMMON/bootstrap ]]; then
@@ -168,27 +92,8 @@ echo "$HOST localhost" > "$COMMON/host_aliases"
 chown sgeadmin:sgeadmin "$COMMON/act_qmaster" "$COMMON/host_aliases"
 mkdir -p /run/gridengine; chown sgeadmin:sgeadmin /run/gridengine
 
-alive_from_pidfile() { # COMM PIDFILE -> pid
-  local pid
-  [[ -s $2 ]] || return 1
-  pid=$(tr -dc '0-9' < "$2")
-  [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]] || return 1
-  echo "$pid"
-}
-wait_pidfile() { # COMM PIDFILE SECS
-  local i pid
-  for ((i = 0; i < $3 * 10; i++)); do
-    pid=$(alive_from_pidfile "$1" "$2") && { echo "$pid"; return 0; }
-    sleep 0.1
-  done
-  return 1
-}
-STARTED=()
-record() { echo "$2" > "$STATE/$1.pid"; STARTED+=("$1"); log "started $1 (pid $2)"; }
-# spawn CMD...: start a daemon without our fds 3/4 (the caller's stdout/stderr)
-# and 8/9 (locks):
-# a daemon holding them would make `out=$(sge-up.sh)` hang forever
-spawn() { "$@" </dev/null >>"$LOG" 2>&1 3>&- 4>&- 8>&- 9>&-; }
+STARTED=()                       # daemons this run started (see record)
+
 # port_busy PORT: something listens on TCP PORT (from /proc: ss may be absent)
 port_busy() {
   awk -v p="$(printf ':%04X' "$1")" '$4 == "0A" && substr($2, length($2) - 4) == p {f = 1} END {exit !f}' \
@@ -390,11 +295,4 @@ smoke() {
   SMOKE="smoke job $jid${1:+ (as $1)} exit_status 0 in qacct after $(elapsed "$t0")s"
   log "$SMOKE"
 }
-smoke
-[[ -z ${HPC_CI_USER:-} ]] || smoke "$HPC_CI_USER"
-
-started=${STARTED[*]:-none}
-summary="sge: up in $(elapsed "$T_START")s (host $HOST, all.q $SLOTS slots, max_aj_tasks $MAX_AJ; started: ${started// /,}; $SMOKE$INSTALL_NOTE)"
-log "$summary"
-echo "$summary" >&3
-exit 0
+finish_up sge "host $HOST, all.q $SLOTS slots, max_aj_tasks $MAX_AJ"
