@@ -6563,6 +6563,7 @@ class _Dispatcher:
         self.submitted: List[str] = []
         self._waitable: set = set()
         self.interrupted: set = set()
+        self._wire_modes: Optional[Dict[Tuple[str, str], WireMode]] = None
         self.waiting_for_grace = False
 
     def cycle(self) -> Dict[str, int]:
@@ -6687,7 +6688,7 @@ class _Dispatcher:
         """
         rows = self.store.instance_rows(self.run_id, states=["SUBMITTED", "RUNNING"])
         stopped = [row for row in self.store.instance_rows(self.run_id, states=["FAILED"])
-                   if row[0] in self.interrupted and row[4]]
+                   if row[0] in self.interrupted and row[4]] if self.interrupted else []
         job_ids = sorted({row[4] for row in rows + stopped if row[4] and row[4] != "DRYRUN"})
         if not job_ids:
             return 0
@@ -6952,6 +6953,12 @@ class _Dispatcher:
                 total += width
         return total
 
+    def _modes(self) -> Dict[Tuple[str, str], WireMode]:
+        """Return the workflow's wiring modes, inferred once per cycle."""
+        if self._wire_modes is None:
+            self._wire_modes = self.wf.wire_modes()
+        return self._wire_modes
+
     def _jobs_by_task(self) -> Dict[str, set]:
         """Return the job ids of each task's SUBMITTED/RUNNING instances.
 
@@ -6985,8 +6992,9 @@ class _Dispatcher:
         if not spec.is_array:
             return 1
         widths = []
+        modes = self._modes()
         for param, result in spec.result_deps.items():
-            if self.wf.wire_modes()[(spec.name, param)] is not WireMode.CHAIN or len(result.steps) != 1:
+            if modes[(spec.name, param)] is not WireMode.CHAIN or len(result.steps) != 1:
                 return None
             widths.append(specs[result.step].get("width"))
         return widths[0] if widths and None not in widths and len(set(widths)) == 1 else None
