@@ -4323,7 +4323,7 @@ class SlurmBackendTest(_BackendScenarios, TempDirTest):
         ok, text = _bk_probe(["sinfo", "-h", "-o", "%T"])
         if not ok:
             return f"sinfo failed: {text.strip()[:200]}"
-        if not re.search(r"idle|mix|alloc", text):
+        if not re.search(r"idle|mix|alloc|completing", text):  # completing: another suite's jobs are ending
             return f"no usable Slurm node (sinfo: {text.strip()[:100]})"
         return ""
 
