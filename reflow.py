@@ -79,12 +79,14 @@ import difflib
 import enum
 import errno
 import hashlib
+import html
 import importlib
 import importlib.machinery
 import importlib.util
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -2791,7 +2793,8 @@ class SqliteStore(Store):
             return
         if self.readonly:
             state = "is empty (not initialised)" if not tables else f"has schema version {version}"
-            raise self._error(f"{state}; open it read-write once to set it up")
+            raise self._error(f"{state}; open it read-write once to set it up (submit or run a workflow with it, "
+                              "or call SqliteStore(path).init()); file left untouched")
         conn.execute("BEGIN IMMEDIATE")  # a busy error here is retried by _open
         try:
             version, tables = self._inspect(conn)  # another process may have done it meanwhile
@@ -2990,11 +2993,11 @@ class SqliteStore(Store):
         self._db.execute("DELETE FROM temp.reflow_batch WHERE id NOT IN (SELECT t.id FROM temp.reflow_batch b "
                          f"JOIN task_instances t ON t.id = b.id WHERE {guard})")
 
-    def _batch_update(self, assignments: str, params: Sequence[Any] = ()) -> int:
-        """Update the batched instances with one statement, log one event each; return n."""
+    def _batch_update(self, assignments: str, params: Sequence[Any] = (), at: str = "t.updated_at") -> int:
+        """Update the batched instances with one statement, log one event each (time ``at``); return n."""
         count = self._db.execute(f"UPDATE task_instances SET {assignments} "
                                  "WHERE id IN (SELECT id FROM temp.reflow_batch)", params).rowcount
-        self._batch_log()
+        self._batch_log(at=at)
         return count
 
     def _batch_log(self, at: str = "t.updated_at", event: str = "lower(t.state)", params: Sequence[Any] = ()) -> None:
@@ -3311,10 +3314,12 @@ class SqliteStore(Store):
                             (text, reason or "", now, now))
 
     def set_reasons(self, pairs: Iterable[Tuple[int, str]]) -> None:
-        """Replace the recorded reason of instances (``(id, reason)`` pairs), in one executemany."""
+        """Replace the recorded reason of instances (``(id, reason)`` pairs); log a ``reason`` event each."""
+        rows = [(reason, int(instance_id)) for instance_id, reason in pairs]
         with self.transaction():
-            self._db.executemany("UPDATE task_instances SET reason = ? WHERE id = ?",
-                                 [(reason, instance_id) for instance_id, reason in pairs])
+            self._db.executemany("UPDATE task_instances SET reason = ? WHERE id = ?", rows)
+            self._batch((instance_id,) for _, instance_id in rows)
+            self._batch_log(at="?", event="'reason'", params=(_utcnow(),))
 
     def cancel_instances(self, ids: Iterable[int], reason: str = "") -> int:
         """Cancel the PENDING/SUBMITTED/RUNNING instances among ``ids`` (``reason`` says why); return n."""
@@ -3353,7 +3358,7 @@ class SqliteStore(Store):
             self._batch_keep("t.state = 'SUBMITTED' AND t.attempt = b.attempt")
             return self._batch_update("state = 'RUNNING', updated_at = ?, started_at = "
                                       "(SELECT b.started_at FROM temp.reflow_batch b WHERE b.id = task_instances.id)",
-                                      (now,))
+                                      (now,), at="t.started_at")  # when the worker started, not when we saw it
 
     def apply_results(self, results: Iterable[Mapping[str, Any]]) -> Tuple[int, List[Tuple[Any, str]]]:
         """Apply worker results that are still current; return (applied, rejected with reasons)."""
@@ -3372,7 +3377,7 @@ class SqliteStore(Store):
                 "updated_at = ? WHERE id = ?", [self._result_values(result, now) for result in accepted])
             dropped = {i for i, _ in rejected if type(i) is int} - {result["instance_id"] for result in accepted}
             self._db.executemany("DELETE FROM temp.reflow_batch WHERE id = ?", [(i,) for i in dropped])
-            self._batch_log()
+            self._batch_log(at="t.finished_at")  # when the worker finished, so timelines are true
         return len(accepted), rejected
 
     @staticmethod
@@ -6056,53 +6061,246 @@ def _check_task_name(store: "Store", run_id: str, task_name: Optional[str]) -> N
         raise GraphError(f"run {run_id!r} has no task {task_name!r}." + _suggest(task_name, tasks))
 
 
-def run_status(store: "Store", run_id: str) -> Dict[str, Any]:
-    """Return ``{"run", "summary", "instances", "failed_instances", "tasks"}`` for a run.
+#: Failed elements ``status`` lists one by one (``logs --failed`` lists all).
+STATUS_FAILED_LINES = 50
+#: Instance states counted as finished by progress figures.
+_DONE_STATES = ("SUCCESS", "FAILED", "CANCELLED")
+#: Instance states that are waiting for the scheduler.
+_QUEUED_STATES = ("PENDING", "SUBMITTED", "RETRYING")
 
-    ``summary`` maps task -> {STATE: count}; ``tasks`` lists the tasks in
-    topological order with array flag and dependencies.  Unknown ids raise
-    RunNotFoundError (a KeyError).
+
+def _parse_utc(text: Optional[str]) -> Optional[_dt.datetime]:
+    """Parse a stored ISO-8601 time (naive means UTC); None for an empty or malformed value."""
+    if not text:
+        return None
+    try:
+        moment = _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=_dt.timezone.utc)
+
+
+def _seconds(start: Optional[str], end: Optional[str]) -> Optional[float]:
+    """Return seconds from ``start`` to ``end`` (now when ``end`` is empty); None without a start."""
+    begin = _parse_utc(start)
+    if begin is None:
+        return None
+    finish = _parse_utc(end) or _dt.datetime.now(_dt.timezone.utc)
+    return max(0.0, (finish - begin).total_seconds())
+
+
+def format_duration(seconds: Optional[float]) -> str:
+    """Render seconds as ``850ms``, ``42s``, ``3m05s`` or ``2h04m`` (``-`` for None)."""
+    if seconds is None:
+        return "-"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def run_duration(run: Mapping[str, Any]) -> Optional[float]:
+    """Return how long a run has lasted: to its last update when it ended, to now while RUNNING."""
+    running = run.get("status") == RunState.RUNNING.value
+    return _seconds(run.get("created_at"), None if running else (run.get("updated_at") or run.get("created_at")))
+
+
+def run_progress(summary: Mapping[str, Mapping[str, int]]) -> Dict[str, Any]:
+    """Return ``{"done", "total", "percent"}`` over all instances of a run."""
+    total = sum(sum(counts.values()) for counts in summary.values())
+    done = sum(counts.get(state, 0) for counts in summary.values() for state in _DONE_STATES)
+    return {"done": done, "total": total, "percent": round(100.0 * done / total, 1) if total else 0.0}
+
+
+def check_owner(run: Mapping[str, Any], force: bool = False) -> None:
+    """Refuse (ReflowError) to change another user's run in a shared store unless ``force``."""
+    owner, me = run.get("user_id") or "", _current_user()
+    if owner and owner != me and not force:
+        raise ReflowError(f"run {run['run_id']!r} belongs to user {owner!r}, not {me!r}; "
+                          "add --force to act on it anyway (nothing was changed)")
+
+
+def run_status(store: "Store", run_id: str) -> Dict[str, Any]:
+    """Return the status of a run as a dict with stable keys (``status --json`` prints it).
+
+    * ``run``: the run row -- ``run_id``, ``graph_name``, ``user_id``, ``status``,
+      ``created_at``, ``updated_at``, ``dispatch_job_id``, ``parameters``.
+    * ``progress``: ``{"done", "total", "percent"}``; ``duration_seconds``: float.
+    * ``tasks``: one dict per task in topological order -- ``name``, ``is_array``,
+      ``dependencies``, ``width``, ``counts`` ({STATE: n}), ``total``, ``cached``
+      (cache hits), ``running_seconds`` (summed run time of its instances) and
+      ``failed``: [{``index``, ``job_id``, ``attempt``, ``exit_code``, ``reason``}].
+    * ``summary``: {task: {STATE: n}} (the ``counts`` again, keyed by task).
+    * ``instances`` and ``failed_instances``: the instance rows.
+
+    Unknown ids raise RunNotFoundError (a KeyError).
     """
-    run = _load_run(store, run_id)
-    run = {key: value for key, value in run.items()}
+    run = dict(_load_run(store, run_id))
     specs = store.get_task_specs(run_id)
     instances = store.list_task_instances(run_id)
-    failed = [inst for inst in instances if inst["state"] == TaskState.FAILED.value]
     summary = store.task_state_summary(run_id)
-    tasks = [{"name": s["task_name"], "is_array": bool(s["is_array"]), "dependencies": s.get("dependencies", []),
-              "width": s.get("width")} for s in specs]
-    return {"run": run, "summary": {t["name"]: summary.get(t["name"], {}) for t in tasks}, "tasks": tasks,
-            "instances": instances, "failed_instances": failed}
+    by_task: Dict[str, List[Dict[str, Any]]] = {}
+    for inst in instances:
+        by_task.setdefault(inst["task_name"], []).append(inst)
+    tasks = [_task_status(spec, summary.get(spec["task_name"], {}), by_task.get(spec["task_name"], []))
+             for spec in specs]
+    return {"run": run, "progress": run_progress(summary), "duration_seconds": run_duration(run),
+            "summary": {t["name"]: t["counts"] for t in tasks}, "tasks": tasks, "instances": instances,
+            "failed_instances": [inst for inst in instances if inst["state"] == TaskState.FAILED.value]}
 
 
-def format_status(status: Mapping[str, Any], task: Optional[str] = None, errors: bool = False) -> str:
-    """Render :func:`run_status` as the human table of ``status``."""
-    run = status["run"]
-    lines = [f"Run      {run['run_id']}", f"Workflow {run['graph_name']}", f"Status   {run['status']}",
-             f"Created  {run['created_at']}", ""]
-    for entry in status["tasks"]:
-        counts = status["summary"].get(entry["name"], {})
-        text = ", ".join(f"{state}={counts[state]}" for state in sorted(counts)) or "(not started)"
-        lines.append(f"  {entry['name']:<20}  {text}")
-        for inst in status["instances"]:
-            if inst["task_name"] != entry["name"]:
-                continue
-            if inst["state"] == TaskState.FAILED.value or inst["task_name"] == task:
-                lines.extend(_format_instance(inst, errors and inst["state"] == TaskState.FAILED.value))
+def _task_status(spec: Mapping[str, Any], counts: Mapping[str, int],
+                 instances: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Return one task's entry of :func:`run_status`."""
+    ran = (_seconds(i["started_at"], i["finished_at"]) for i in instances if not i["cached"])
+    failed = [{"index": i["array_index"], "job_id": i["job_id"], "attempt": i["attempt"],
+               "exit_code": i["exit_code"], "reason": i["reason"] or ""}
+              for i in instances if i["state"] == TaskState.FAILED.value]
+    return {"name": spec["task_name"], "is_array": bool(spec["is_array"]),
+            "dependencies": list(spec.get("dependencies") or []), "width": spec.get("width"),
+            "counts": dict(counts), "total": sum(counts.values()), "cached": sum(1 for i in instances if i["cached"]),
+            "running_seconds": round(sum(s for s in ran if s is not None), 3), "failed": failed}
+
+
+def format_status(status: Mapping[str, Any], task: Optional[str] = None, errors: bool = False,
+                  colour: bool = False) -> str:
+    """Render :func:`run_status` as the human table of ``status``.
+
+    One row per task (instances per state, cache hits, run time), then every
+    failed element with its job id and the scheduler's reason; ``task`` also
+    lists all of that task's instances, ``errors`` adds each failure's tail.
+    """
+    run, progress = status["run"], status["progress"]
+    lines = [f"Run       {run['run_id']}", f"Workflow  {run['graph_name']}  (user {run['user_id'] or '?'})",
+             f"Status    {_paint(run['status'], run['status'], colour)}",
+             f"Started   {run['created_at'][:19].replace('T', ' ')} UTC   "
+             f"duration {format_duration(status['duration_seconds'])}",
+             f"Progress  {progress['done']}/{progress['total']} ({progress['percent']:g}%)", ""]
+    header = ("TASK", "TOTAL", "SUCCESS", "FAILED", "RUNNING", "QUEUED", "CANCELLED", "CACHED", "RUN TIME")
+    rows = [header] + [_status_row(entry) for entry in status["tasks"]]
+    width = max(len(row[0]) for row in rows)
+    for row in rows:
+        lines.append("  " + row[0].ljust(width) + "".join(cell.rjust(len(title) + 2)
+                                                             for cell, title in zip(row[1:], header[1:])))
+    listed = [inst for inst in status["instances"]
+              if inst["state"] == TaskState.FAILED.value or inst["task_name"] == task]
+    if listed:
+        lines += ["", "Failed elements" if task is None else f"Instances of {task} (and failed elements)"]
+    shown = listed if task is not None else listed[:STATUS_FAILED_LINES]
+    for inst in shown:
+        lines.extend(_format_instance(inst, errors and inst["state"] == TaskState.FAILED.value, colour))
+    if len(shown) < len(listed):
+        lines.append(f"  ... and {len(listed) - len(shown)} more: `logs {run['run_id']} --failed` lists them all")
     return "\n".join(lines)
 
 
-def _format_instance(inst: Mapping[str, Any], errors: bool) -> List[str]:
+def _status_row(entry: Mapping[str, Any]) -> Tuple[str, ...]:
+    """Return the cells of one task row of the status table."""
+    counts = entry["counts"]
+    queued = sum(counts.get(state, 0) for state in _QUEUED_STATES)
+    name = entry["name"] + (" []" if entry["is_array"] else "")
+    return (name, str(entry["total"]), str(counts.get("SUCCESS", 0)), str(counts.get("FAILED", 0)),
+            str(counts.get("RUNNING", 0)), str(queued), str(counts.get("CANCELLED", 0)), str(entry["cached"]),
+            format_duration(entry["running_seconds"]) if entry["total"] else "-")
+
+
+def _format_instance(inst: Mapping[str, Any], errors: bool, colour: bool = False) -> List[str]:
     """Render one instance line (and its error tail when asked)."""
-    index = "   " if inst["array_index"] is None else f"{inst['array_index']:<6}"
-    reason = f"  ({inst['reason']})" if inst.get("reason") else ""
-    lines = [f"    [{index}]  {inst['state']:<12} job={inst['job_id'] or '-'}{reason}"]
+    label = inst["task_name"] + ("" if inst["array_index"] is None else f"[{inst['array_index']}]")
+    exit_code = "" if inst.get("exit_code") is None else f"  exit {inst['exit_code']}"
+    reason = f"  {inst['reason']}" if inst.get("reason") else ""
+    state = _paint(f"{inst['state']:<10}", inst["state"], colour)
+    lines = [f"  {label:<24} {state} job={inst['job_id'] or '-'}{exit_code}{reason}"]
     if errors and inst.get("error_text"):
         text_lines = inst["error_text"].rstrip().splitlines()
-        lines += [f"           {line}" for line in text_lines[-15:]]
+        lines += [f"      | {line}" for line in text_lines[-15:]]
         if len(text_lines) > 15:
-            lines.append(f"           ... ({len(text_lines) - 15} more lines, see full log for details)")
+            lines.append(f"      ... ({len(text_lines) - 15} more lines, see `logs` for the files)")
     return lines
+
+
+#: ANSI colour of each state on a terminal.
+_ANSI = {"SUCCESS": "32", "FAILED": "31", "RUNNING": "36", "SUBMITTED": "33", "PENDING": "33",
+         "RETRYING": "35", "CANCELLED": "90", "WAITING": "90"}
+
+
+def use_colour(stream: Any = None) -> bool:
+    """Tell whether to colour output: a terminal, and ``NO_COLOR`` unset (https://no-color.org)."""
+    stream = sys.stdout if stream is None else stream
+    return not os.environ.get("NO_COLOR") and bool(getattr(stream, "isatty", lambda: False)())
+
+
+def _paint(text: str, state: str, colour: bool) -> str:
+    """Wrap ``text`` in the ANSI colour of ``state`` when ``colour`` is on."""
+    code = _ANSI.get(state)
+    return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
+
+
+def log_entries(store: "Store", run_id: str, task: Optional[str] = None, index: Optional[int] = None,
+                failed: bool = False) -> List[Dict[str, Any]]:
+    """Describe where instances' logs are and why they ended as they did.
+
+    Without ``task`` (or with ``failed``) only FAILED instances are listed.
+    Each entry has task, index, state, attempt, job_id, exit_code, signal,
+    reason, stdout, stderr (paths or None), stderr_tail and error_tail.
+    """
+    run = _load_run(store, run_id)
+    _check_task_name(store, run_id, task)
+    instances = store.list_task_instances(run_id, task)
+    if index is not None:
+        instances = [inst for inst in instances if inst["array_index"] == index]
+        if not instances:
+            raise GraphError(f"task {task!r} of run {run_id!r} has no element [{index}]")
+    if failed or task is None:
+        instances = [inst for inst in instances if inst["state"] == TaskState.FAILED.value]
+    run_dir = Path(run["parameters"].get(P_RUN_DIR) or ".")
+    return [_log_entry(run_dir, inst) for inst in instances]
+
+
+def _log_entry(run_dir: Path, inst: Mapping[str, Any]) -> Dict[str, Any]:
+    """Describe one instance's log files, exit status and reason."""
+    job = re.sub(r"[^\w.-]", "_", inst["job_id"] or "")
+    found = sorted((run_dir / "logs").glob(f"{inst['task_name']}-{job}*")) if job else []
+    stdout = next((str(p) for p in found if p.suffix == ".out"), None)
+    stderr = next((str(p) for p in found if p.suffix == ".err"), None)
+    error = (inst.get("error_text") or "").rstrip().splitlines()
+    return {"task": inst["task_name"], "index": inst["array_index"], "state": inst["state"],
+            "attempt": inst["attempt"], "job_id": inst["job_id"], "exit_code": inst.get("exit_code"),
+            "signal": exit_signal(inst.get("exit_code"), inst.get("reason") or ""), "reason": inst.get("reason") or "",
+            "stdout": stdout, "stderr": stderr, "logs": [str(p) for p in found],
+            "stderr_tail": _file_tail(stderr, 10), "error_tail": error[-15:]}
+
+
+def exit_signal(exit_code: Optional[int], reason: str = "") -> Optional[str]:
+    """Return the name of the signal that ended a job (``SIGKILL``), or None."""
+    match = re.search(r"signal (\d+)", reason)
+    number = int(match.group(1)) if match else None
+    if number is None and exit_code is not None:
+        number = -exit_code if exit_code < 0 else (exit_code - 128 if 128 < exit_code < 160 else None)
+    if not number:
+        return None
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _file_tail(path: Optional[str], lines: int) -> List[str]:
+    """Return the last ``lines`` lines of a text file (reading at most its last 64 KiB)."""
+    if not path:
+        return []
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 65536))
+            text = handle.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    return text.rstrip().splitlines()[-lines:]
 
 
 # =============================================================================
@@ -7589,7 +7787,7 @@ def _run_in_pool(spec: TaskSpec, calls: List[Dict[str, Any]], workers: int) -> O
 
 
 class Run:
-    """A handle on a submitted run: ``status()``, ``cancel()``, ``retry()``, ``wait()``."""
+    """A handle on a run: ``status()``, ``logs()``, ``cancel()``, ``retry()``, ``wait()``, ``dag()``, ``report()``."""
 
     def __init__(self, workflow: Optional[Workflow], run_id: str, run_dir: Union[str, Path], store: "Store") -> None:
         self.workflow, self.run_id, self.run_dir, self.store = workflow, run_id, Path(run_dir), store
@@ -7611,15 +7809,32 @@ class Run:
         """Return the run's current state (RUNNING, SUCCESS, FAILED, CANCELLED)."""
         return _load_run(self.store, self.run_id)["status"]
 
-    def cancel(self, task: Optional[str] = None, executor: Union[str, Executor, None] = None) -> int:
-        """Cancel active instances; print and return how many."""
+    def logs(self, task: Optional[str] = None, index: Optional[int] = None,
+             failed: bool = False) -> List[Dict[str, Any]]:
+        """Return log entries (paths, exit code, signal, reason, stderr tail); see :func:`log_entries`."""
+        return log_entries(self.store, self.run_id, task, index, failed)
+
+    def dag(self, fmt: str = "text") -> str:
+        """Return the run's task graph with task states as text, ``mermaid`` or ``dot``."""
+        nodes, states = _run_graph(self.store, self.run_id)
+        return render_dag(nodes, fmt, states)
+
+    def report(self, path: Union[str, Path, None] = None) -> Path:
+        """Write the self-contained HTML report (default ``<run_id>.html``); return its path."""
+        return write_report(self.store, self.run_id, path)
+
+    def cancel(self, task: Optional[str] = None, executor: Union[str, Executor, None] = None,
+               force: bool = False) -> int:
+        """Cancel active instances (another user's run only with ``force``); print and return how many."""
+        check_owner(_load_run(self.store, self.run_id), force)
         count = cancel_run(self.store, self.run_id, task, executor, self.workflow.config if self.workflow else None)
         print(f"Cancelled {count} task instance(s).")
         return count
 
     def retry(self, task: Optional[str] = None, executor: Union[str, Executor, None] = None,
-              verify: bool = True) -> int:
-        """Mark failed/cancelled instances for retry; print and return how many."""
+              verify: bool = True, force: bool = False) -> int:
+        """Mark failed/cancelled instances for retry (another user's run only with ``force``); return how many."""
+        check_owner(_load_run(self.store, self.run_id), force)
         config = self.workflow.config if self.workflow else None
         count = retry_run(self.store, self.run_id, task, executor, verify, config)
         print(f"Marked {count} task instance(s) for retry.")
@@ -7638,6 +7853,474 @@ class Run:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.run_id} still RUNNING after {timeout:g}s")
             time.sleep(poll)
+
+
+# =============================================================================
+# Report: one self-contained HTML file
+# =============================================================================
+
+#: Arrays longer than this are drawn as one aggregate row in the timeline.
+REPORT_ELEMENT_ROWS = 40
+#: Failed elements listed one by one in a report (the rest are counted).
+REPORT_FAILURE_ROWS = 200
+#: Fill colour of each state in the report (CACHED marks cache hits, QUEUE time spent queued).
+_REPORT_COLOURS = {"SUCCESS": "#2e9e5b", "FAILED": "#d64545", "RUNNING": "#3a7bd5", "SUBMITTED": "#e0a526",
+                   "PENDING": "#e0a526", "RETRYING": "#c77dd6", "CANCELLED": "#9aa0a6", "WAITING": "#c8ccd0",
+                   "CACHED": "#7c6bd6", "QUEUE": "#d9dee4"}
+_REPORT_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+main{max-width:1180px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 10px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+.card{background:#fff;border:1px solid #d0d7de;border-radius:8px;padding:14px 16px;overflow-x:auto}
+.facts{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:8px 20px}
+.facts div span{display:block;color:#656d76;font-size:12px}.facts div b{font-weight:600;word-break:break-all}
+table{border-collapse:collapse;width:100%;font-size:13px}th,td{text-align:left;padding:4px 8px;vertical-align:top}
+th{color:#656d76;font-weight:600;border-bottom:1px solid #d0d7de}th.n{text-align:right}
+tr+tr td{border-top:1px solid #eaeef2}
+td.n{text-align:right;font-variant-numeric:tabular-nums}code,pre{font:12px ui-monospace,Menlo,Consolas,monospace}
+pre{margin:4px 0 0;white-space:pre-wrap;color:#57606a}
+.state{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12px;font-weight:600}
+.legend span{display:inline-block;margin-right:14px;font-size:12px}
+.legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px;vertical-align:-1px}
+svg text{font:12px system-ui,sans-serif;fill:#1f2328}svg .muted{fill:#656d76;font-size:11px}
+.muted{color:#656d76}svg.dag{display:block;margin:0 auto}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:0 20px}
+"""
+
+
+def write_report(store: "Store", run_id: str, path: Union[str, Path, None] = None) -> Path:
+    """Write the HTML report of a run to ``path`` (default ``<run_id>.html``); return the path.
+
+    The file is self-contained (inline CSS and SVG, no script, no external
+    asset) so it opens offline: summary and parameters, the DAG coloured by
+    state, a timeline of every task and element from the event history,
+    duration statistics, failures with reasons and log paths, cache hits.
+    """
+    target = Path(path if path is not None else f"{run_id}.html")
+    text = render_report(report_data(store, run_id))
+    temp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, target)
+    return target
+
+
+def report_data(store: "Store", run_id: str) -> Dict[str, Any]:
+    """Collect what a report shows: :func:`run_status`, instances by task, failures' log entries, spans."""
+    status = run_status(store, run_id)
+    run_dir = Path(status["run"]["parameters"].get(P_RUN_DIR) or ".")
+    failures = [_log_entry(run_dir, inst) for inst in status["failed_instances"][:REPORT_FAILURE_ROWS]]
+    by_task: Dict[str, List[Dict[str, Any]]] = {task["name"]: [] for task in status["tasks"]}
+    for inst in status["instances"]:
+        by_task.setdefault(inst["task_name"], []).append(inst)
+    return {"status": status, "failures": failures, "by_task": by_task,
+            "spans": _attempt_spans(store.list_events(run_id), status["instances"]),
+            "generated": _utcnow()}
+
+
+def _attempt_spans(events: Sequence[Mapping[str, Any]],
+                   instances: Sequence[Mapping[str, Any]]) -> Dict[int, List[Dict[str, Any]]]:
+    """Return ``{instance_id: [span per attempt]}`` with queued/started/ended times, state and cache flag.
+
+    Events give every attempt; the instance row (written from the worker's
+    own clock) refines the current one.
+    """
+    spans: Dict[Tuple[int, int], Dict[str, Any]] = {}
+    for event in events:
+        if event["instance_id"] is None or event["event"] == "deleted":
+            continue
+        key = (event["instance_id"], event["attempt"] or 0)
+        span = spans.setdefault(key, {"attempt": key[1], "queued": event["at"], "started": None, "ended": None,
+                                      "state": event["state"], "cached": False, "job_id": event["job_id"]})
+        span["state"], span["job_id"] = event["state"], event["job_id"] or span["job_id"]
+        if event["event"] == "running":
+            span["started"] = span["started"] or event["at"]
+        span["cached"] = span["cached"] or event["event"] == "cached"
+        if event["state"] in _DONE_STATES and span["ended"] is None:
+            span["ended"] = event["at"]  # later events (a scheduler's reason) do not move the end
+    for inst in instances:
+        span = spans.setdefault((inst["id"], inst["attempt"]), {"attempt": inst["attempt"], "queued": None,
+                                                                "started": None, "ended": None})
+        span.update(state=inst["state"], cached=bool(inst["cached"]), job_id=inst["job_id"],
+                    started=inst["started_at"] or span["started"], ended=inst["finished_at"] or span["ended"])
+    result: Dict[int, List[Dict[str, Any]]] = {}
+    for (instance_id, _), span in sorted(spans.items()):
+        result.setdefault(instance_id, []).append(span)
+    return result
+
+
+def render_report(data: Mapping[str, Any]) -> str:
+    """Return the report page of :func:`report_data` (every stored string is HTML-escaped)."""
+    status = data["status"]
+    run = status["run"]
+    body = [_report_summary(status, data["generated"]), '<div class="cols"><section>',
+            _report_parameters(run["parameters"]), "</section><section><h2>Task graph</h2>",
+            _report_card(_dag_svg(status)), "</section></div><h2>Timeline</h2>",
+            _report_card(_timeline_svg(status, data["by_task"], data["spans"]) + _legend()),
+            "<h2>Durations per task</h2>", _report_card(_duration_table(status, data["by_task"], data["spans"])),
+            "<h2>Failures</h2>", _report_card(_failure_table(status, data["failures"])),
+            "<h2>Cache hits</h2>", _report_card(_cache_table(status, data["by_task"]))]
+    title = _esc(f"reflow run {run['run_id']}")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{title}</title><style>{_REPORT_CSS}</style></head>\n"
+            f"<body><main>\n{''.join(body)}\n</main></body></html>\n")
+
+
+def _esc(value: Any) -> str:
+    """Return ``value`` as text safe inside HTML and SVG, attributes included."""
+    return html.escape(str(value), quote=True)
+
+
+def _report_card(content: str) -> str:
+    return f'<div class="card">{content}</div>\n'
+
+
+def _state_badge(state: str) -> str:
+    colour = _REPORT_COLOURS.get(state, "#57606a")
+    return f'<span class="state" style="background:{colour}">{_esc(state)}</span>'
+
+
+def _report_summary(status: Mapping[str, Any], generated: str) -> str:
+    """Return the heading and the run's key facts."""
+    run, progress = status["run"], status["progress"]
+    params = run["parameters"]
+    executor = (params.get(P_EXECUTOR) or {}).get("name", "local (in process)")
+    facts = [("Workflow", run["graph_name"]), ("User", run["user_id"] or "?"),
+             ("Started (UTC)", run["created_at"][:19].replace("T", " ")),
+             ("Duration", format_duration(status["duration_seconds"])),
+             ("Progress", f"{progress['done']}/{progress['total']} ({progress['percent']:g}%)"),
+             ("Cache hits", sum(task["cached"] for task in status["tasks"])),
+             ("Failed", len(status["failed_instances"])),
+             ("Retried", sum(1 for inst in status["instances"] if inst["attempt"])), ("Executor", executor),
+             ("Run directory", params.get(P_RUN_DIR, "-"))]
+    cells = "".join(f"<div><span>{_esc(name)}</span><b>{_esc(value)}</b></div>" for name, value in facts)
+    when = generated[:19].replace("T", " ")
+    return (f"<h1>Run <code>{_esc(run['run_id'])}</code> {_state_badge(run['status'])}</h1>\n"
+            f'<p class="muted">reflow {__version__} report, generated {_esc(when)} UTC from the store alone.</p>'
+            f'<div class="card facts">{cells}</div>\n')
+
+
+def _report_parameters(params: Mapping[str, Any]) -> str:
+    """Return the table of the run's parameters (internal keys left out)."""
+    rows = [(key, value) for key, value in sorted(params.items()) if key not in INTERNAL_PARAMS]
+    if not rows:
+        return "<h2>Parameters</h2>" + _report_card('<span class="muted">No parameters.</span>')
+    cells = "".join(f"<tr><td><code>{_esc(key)}</code></td><td><code>{_esc(_short_json(value))}</code></td></tr>"
+                    for key, value in rows)
+    return "<h2>Parameters</h2>" + _report_card(f"<table><tr><th>Name</th><th>Value</th></tr>{cells}</table>")
+
+
+def _short_json(value: Any, limit: int = 300) -> str:
+    text = json.dumps(value, default=str, sort_keys=True)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _legend() -> str:
+    items = [("SUCCESS", "succeeded"), ("FAILED", "failed"), ("RUNNING", "running"), ("CANCELLED", "cancelled"),
+             ("CACHED", "cache hit"), ("QUEUE", "queued")]
+    spans = "".join(f'<span><i style="background:{_REPORT_COLOURS[key]}"></i>{label}</span>' for key, label in items)
+    return f'<div class="legend">{spans}</div>'
+
+
+# -- the task graph -------------------------------------------------------------
+
+def _dag_layers(tasks: Sequence[Mapping[str, Any]]) -> List[List[Mapping[str, Any]]]:
+    """Group tasks (topologically ordered) by their longest distance from a root."""
+    depth: Dict[str, int] = {}
+    for task in tasks:
+        depth[task["name"]] = 1 + max((depth.get(d, -1) for d in task["dependencies"]), default=-1)
+    layers: List[List[Mapping[str, Any]]] = [[] for _ in range(max(depth.values(), default=-1) + 1)]
+    for task in tasks:
+        layers[depth[task["name"]]].append(task)
+    return layers
+
+
+def _dag_svg(status: Mapping[str, Any]) -> str:
+    """Draw the task graph top-down, each node filled with its task's state."""
+    layers = _dag_layers(status["tasks"])
+    box_w, box_h, gap_x, gap_y = 170, 44, 30, 46
+    width = max((len(layer) for layer in layers), default=1) * (box_w + gap_x) + gap_x
+    height = len(layers) * (box_h + gap_y) - gap_y + 24
+    where: Dict[str, Tuple[float, float]] = {}
+    for row, layer in enumerate(layers):
+        offset = (width - len(layer) * (box_w + gap_x) + gap_x) / 2
+        for column, task in enumerate(layer):
+            where[task["name"]] = (offset + column * (box_w + gap_x), 12 + row * (box_h + gap_y))
+    edges = "".join(_dag_edge(where[d], where[t["name"]], box_w, box_h) for t in status["tasks"]
+                    for d in t["dependencies"] if d in where)
+    nodes = "".join(_dag_node(task, where[task["name"]], box_w, box_h) for task in status["tasks"])
+    return (f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+            f'viewBox="0 0 {width:.0f} {height:.0f}" role="img" aria-label="task graph">'
+            '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+            'orient="auto"><path d="M0,0L10,5L0,10z" fill="#8c959f"/></marker></defs>'
+            f"{edges}{nodes}</svg>")
+
+
+def _dag_edge(source: Tuple[float, float], target: Tuple[float, float], box_w: int, box_h: int) -> str:
+    x1, y1 = source[0] + box_w / 2, source[1] + box_h
+    x2, y2 = target[0] + box_w / 2, target[1]
+    middle = (y1 + y2) / 2
+    return (f'<path d="M{x1:.0f},{y1:.0f} C{x1:.0f},{middle:.0f} {x2:.0f},{middle:.0f} {x2:.0f},{y2 - 2:.0f}" '
+            'fill="none" stroke="#8c959f" stroke-width="1.5" marker-end="url(#arrow)"/>')
+
+
+def _dag_node(task: Mapping[str, Any], where: Tuple[float, float], box_w: int, box_h: int) -> str:
+    state = _task_state(task["counts"])
+    x, y = where
+    name = task["name"] if len(task["name"]) <= 22 else task["name"][:21] + "…"
+    counts = task["counts"]
+    detail = f"{counts.get('SUCCESS', 0)}/{task['total']} done" + (f", {task['cached']} cached" if task["cached"]
+                                                                   else "")
+    double = (f'<rect x="{x + 4:.0f}" y="{y + 4:.0f}" width="{box_w}" height="{box_h}" rx="6" fill="#fff" '
+              f'stroke="{_REPORT_COLOURS.get(state)}"/>' if task["is_array"] else "")
+    return (f'<g class="node" data-task="{_esc(task["name"])}" data-state="{state}">{double}'
+            f'<rect x="{x:.0f}" y="{y:.0f}" width="{box_w}" height="{box_h}" rx="6" '
+            f'fill="{_REPORT_COLOURS.get(state)}"/>'
+            f'<title>{_esc(task["name"])}: {state}, {_esc(json.dumps(counts, sort_keys=True))}</title>'
+            f'<text x="{x + box_w / 2:.0f}" y="{y + 18:.0f}" text-anchor="middle" style="fill:#fff;font-weight:600">'
+            f'{_esc(name)}{" []" if task["is_array"] else ""}</text>'
+            f'<text x="{x + box_w / 2:.0f}" y="{y + 34:.0f}" text-anchor="middle" style="fill:#fff;font-size:11px">'
+            f"{_esc(detail)}</text></g>")
+
+
+# -- the timeline -----------------------------------------------------------------
+
+class _Clock:
+    """Map stored times to x pixels of the timeline (time 0 = the run's creation)."""
+
+    def __init__(self, origin: str, spans: Iterable[Mapping[str, Any]], left: int, width: int,
+                 duration: float = 0.0) -> None:
+        self.origin = _parse_utc(origin) or _dt.datetime.now(_dt.timezone.utc)
+        self.left, self.width = left, width
+        latest = max((self.seconds(span.get(key)) or 0.0 for span in spans
+                      for key in ("queued", "started", "ended")), default=0.0)
+        self.length = max(latest, duration, 1e-3)  # a running run's open bars reach "now"
+
+    def seconds(self, moment: Optional[str]) -> Optional[float]:
+        """Return seconds since the origin (None for no time)."""
+        parsed = _parse_utc(moment)
+        return None if parsed is None else max(0.0, (parsed - self.origin).total_seconds())
+
+    def x(self, seconds: float) -> float:
+        return self.left + self.width * seconds / self.length
+
+
+def _span_times(span: Mapping[str, Any], clock: _Clock, end_of_run: float) -> Tuple[float, float, float]:
+    """Return (queued, started, ended) seconds of a span, filling gaps sensibly."""
+    started = clock.seconds(span.get("started"))
+    ended = clock.seconds(span.get("ended"))
+    if ended is None:
+        ended = end_of_run
+    if started is None:
+        started = ended if span.get("state") != "RUNNING" else (clock.seconds(span.get("queued")) or 0.0)
+    queued = clock.seconds(span.get("queued"))
+    queued = started if queued is None else min(queued, started)
+    return queued, started, max(ended, started)
+
+
+def _timeline_svg(status: Mapping[str, Any], by_task: Mapping[str, List[Mapping[str, Any]]],
+                  spans: Mapping[int, List[Mapping[str, Any]]]) -> str:
+    """Draw one row per element (or per long array) with a bar per attempt."""
+    left, width, row_h = 210, 900, 18
+    clock = _Clock(status["run"]["created_at"], (s for group in spans.values() for s in group), left, width,
+                   status["duration_seconds"] or 0.0)
+    end_of_run = clock.length
+    rows: List[str] = []
+    y = 26
+    for task in status["tasks"]:
+        members = by_task[task["name"]]
+        if len(members) > REPORT_ELEMENT_ROWS:
+            rows.append(_aggregate_row(task, members, spans, clock, y, end_of_run))
+            y += 3 * row_h
+            continue
+        for inst in members:
+            rows.append(_element_row(inst, spans.get(inst["id"], []), clock, y, row_h, end_of_run))
+            y += row_h
+    height = y + 8
+    return (f'<svg class="timeline" xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" '
+            f'height="{height}" viewBox="0 0 {left + width + 20} {height}" role="img" aria-label="timeline">'
+            f"{_time_axis(clock, height)}{''.join(rows)}</svg>")
+
+
+def _time_axis(clock: _Clock, height: int) -> str:
+    """Draw vertical grid lines with elapsed-time labels at round steps."""
+    parts = []
+    step = _round_step(clock.length / 8)
+    for number in range(int(clock.length / step) + 1):
+        seconds = number * step
+        x = clock.x(seconds)
+        parts.append(f'<line x1="{x:.1f}" y1="18" x2="{x:.1f}" y2="{height - 4}" stroke="#eaeef2"/>'
+                     f'<text class="muted" x="{x:.1f}" y="12" text-anchor="middle">+{format_duration(seconds)}</text>')
+    return "".join(parts)
+
+
+def _round_step(rough: float) -> float:
+    """Return the 1, 2 or 5 times a power of ten nearest above ``rough`` (a grid step)."""
+    power = 10 ** math.floor(math.log10(max(rough, 1e-3)))
+    return next(power * factor for factor in (1, 2, 5, 10) if power * factor >= rough)
+
+
+def _element_row(inst: Mapping[str, Any], spans: Sequence[Mapping[str, Any]], clock: _Clock, y: int,
+                 row_h: int, end_of_run: float) -> str:
+    """Draw one element: a queue segment and a run bar for each attempt (a thin mark for a cache hit)."""
+    label = inst["task_name"] + ("" if inst["array_index"] is None else f"[{inst['array_index']}]")
+    index = "" if inst["array_index"] is None else inst["array_index"]
+    parts = [f'<text x="{clock.left - 8}" y="{y + 12}" text-anchor="end">{_esc(label)}</text>']
+    for span in spans:
+        queued, started, ended = _span_times(span, clock, end_of_run)
+        state = "CACHED" if span.get("cached") else span.get("state") or "WAITING"
+        x0, x1, x2 = clock.x(queued), clock.x(started), clock.x(ended)
+        if x1 - x0 >= 0.5:
+            parts.append(f'<rect class="queue" x="{x0:.1f}" y="{y + 6}" width="{x1 - x0:.1f}" height="4" '
+                         f'fill="{_REPORT_COLOURS["QUEUE"]}"/>')
+        tip = (f"{label} attempt {span.get('attempt', 0)}: {state.lower()}, ran {format_duration(ended - started)}"
+               f", queued {format_duration(started - queued)}, job {span.get('job_id') or '-'}")
+        parts.append(f'<rect class="bar s-{state.lower()}" data-task="{_esc(inst["task_name"])}" '
+                     f'data-index="{index}" data-attempt="{span.get("attempt", 0)}" data-state="{state}" '
+                     f'x="{x1:.1f}" y="{y + 2}" width="{max(x2 - x1, 2.0):.1f}" height="{row_h - 5}" rx="2" '
+                     f'fill="{_REPORT_COLOURS.get(state, "#57606a")}"><title>{_esc(tip)}</title></rect>')
+    return "".join(parts)
+
+
+def _aggregate_row(task: Mapping[str, Any], members: Sequence[Mapping[str, Any]],
+                   spans: Mapping[int, List[Mapping[str, Any]]], clock: _Clock, y: int, end_of_run: float) -> str:
+    """Draw a long array as one band: its extent, and how many elements ran (and failed) at each moment."""
+    bins, band_h = 180, 40
+    member_spans = [span for inst in members for span in spans.get(inst["id"], [])]
+    levels, failed, first, last = _running_levels(member_spans, clock, bins, end_of_run)
+    peak = max(max(levels), 1)
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in sorted(task["counts"].items()))
+    tip = f"{task['name']}: {len(members)} elements ({counts}; {task['cached']} cached), up to {peak} at once"
+
+    def area(values: Sequence[int], colour: str) -> str:
+        points = " ".join(f"L{clock.x(clock.length * n / bins):.1f},{y + band_h - band_h * v / peak:.1f} "
+                          f"L{clock.x(clock.length * (n + 1) / bins):.1f},{y + band_h - band_h * v / peak:.1f}"
+                          for n, v in enumerate(values))
+        return (f'<path d="M{clock.left},{y + band_h} {points} L{clock.x(clock.length):.1f},{y + band_h} Z" '
+                f'fill="{colour}"/>')
+
+    return (f'<text x="{clock.left - 8}" y="{y + 18}" text-anchor="end">{_esc(task["name"])}</text>'
+            f'<text class="muted" x="{clock.left - 8}" y="{y + 32}" text-anchor="end">'
+            f"{len(members)} elements</text>"
+            f'<rect class="bar agg" data-task="{_esc(task["name"])}" data-elements="{len(members)}" '
+            f'data-state="{_task_state(task["counts"])}" x="{clock.x(first):.1f}" y="{y}" '
+            f'width="{max(clock.x(last) - clock.x(first), 2):.1f}" height="{band_h}" fill="#eef1f4" rx="2">'
+            f"<title>{_esc(tip)}</title></rect>"
+            f'{area(levels, _REPORT_COLOURS["SUCCESS"])}{area(failed, _REPORT_COLOURS["FAILED"])}')
+
+
+def _running_levels(spans: Sequence[Mapping[str, Any]], clock: _Clock, bins: int,
+                    end_of_run: float) -> Tuple[List[int], List[int], float, float]:
+    """Return how many spans run in each time bin (all, and those that failed) and the first/last times."""
+    steps, failed_steps = [0] * (bins + 1), [0] * (bins + 1)
+    first, last = end_of_run, 0.0
+    for span in spans:
+        _, started, ended = _span_times(span, clock, end_of_run)
+        first, last = min(first, started), max(last, ended)
+        if span.get("cached"):
+            continue
+        start_bin = min(int(bins * started / clock.length), bins - 1)
+        end_bin = min(max(int(bins * ended / clock.length), start_bin + 1), bins)
+        for table in (steps, failed_steps) if span.get("state") == TaskState.FAILED.value else (steps,):
+            table[start_bin] += 1
+            table[end_bin] -= 1
+    return _cumulative(steps[:bins]), _cumulative(failed_steps[:bins]), min(first, last), last
+
+
+def _cumulative(steps: Sequence[int]) -> List[int]:
+    """Return running sums of ``steps``."""
+    total, levels = 0, []
+    for step in steps:
+        total += step
+        levels.append(total)
+    return levels
+
+
+# -- tables -------------------------------------------------------------------------
+
+def _duration_table(status: Mapping[str, Any], by_task: Mapping[str, List[Mapping[str, Any]]],
+                    spans: Mapping[int, List[Mapping[str, Any]]]) -> str:
+    """Return per-task min/median/max run time of the elements that ran (cache hits excluded)."""
+    rows = []
+    for task in status["tasks"]:
+        members = by_task[task["name"]]
+        times = sorted(d for inst in members if not inst["cached"] and inst["finished_at"]
+                       for d in [_seconds(inst["started_at"], inst["finished_at"])] if d is not None)
+        attempts = sum(len(spans.get(inst["id"], [])) for inst in members)
+        figures = ([format_duration(times[0]), format_duration(_median(times)), format_duration(times[-1]),
+                    format_duration(sum(times))] if times else ["-"] * 4)
+        cells = [str(task["total"]), str(len(times)), str(attempts), *figures, str(task["cached"]),
+                 str(task["counts"].get("FAILED", 0))]
+        rows.append(f"<tr><td><code>{_esc(task['name'])}</code></td>"
+                    + "".join(f'<td class="n">{cell}</td>' for cell in cells) + "</tr>")
+    header = "<th>Task</th>" + "".join(f'<th class="n">{title}</th>' for title in (
+        "Elements", "Timed", "Attempts", "Min", "Median", "Max", "Total", "Cached", "Failed"))
+    return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
+
+
+def _median(values: Sequence[float]) -> float:
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _failure_table(status: Mapping[str, Any], failures: Sequence[Mapping[str, Any]]) -> str:
+    """Return failures grouped by reason, then one row per failed element (up to REPORT_FAILURE_ROWS)."""
+    total = len(status["failed_instances"])
+    if not total:
+        return '<span class="muted">No failed elements.</span>'
+    reasons: Dict[str, int] = {}
+    for inst in status["failed_instances"]:
+        reasons[inst["reason"] or "unknown"] = reasons.get(inst["reason"] or "unknown", 0) + 1
+    summary = ", ".join(f"<b>{_esc(reason)}</b>: {count}" for reason, count in
+                        sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
+    rows = "".join(_failure_row(entry) for entry in failures)
+    more = (f'<p class="muted">… and {total - len(failures)} more; '
+            "<code>reflow.py logs RUN_ID --failed</code> lists them all.</p>" if total > len(failures) else "")
+    header = "".join(f"<th>{title}</th>" for title in ("Element", "Job", "Exit", "Reason", "Logs and error"))
+    return f"<p>{total} failed element(s) &mdash; {summary}</p><table><tr>{header}</tr>{rows}</table>{more}"
+
+
+def _failure_row(entry: Mapping[str, Any]) -> str:
+    label = entry["task"] + ("" if entry["index"] is None else f"[{entry['index']}]")
+    exit_text = "-" if entry["exit_code"] is None else str(entry["exit_code"])
+    if entry["signal"]:
+        exit_text += f" ({entry['signal']})"
+    files = "".join(f"<div>{name}: <code>{_esc(entry[name])}</code></div>" for name in ("stdout", "stderr")
+                    if entry[name])
+    tail = (entry["stderr_tail"] or entry["error_tail"])[-6:]
+    error = f"<pre>{_esc(chr(10).join(tail))}</pre>" if tail else ""
+    return (f"<tr><td><code>{_esc(label)}</code><div class=\"muted\">attempt {entry['attempt']}</div></td>"
+            f"<td><code>{_esc(entry['job_id'] or '-')}</code></td><td>{_esc(exit_text)}</td>"
+            f"<td>{_esc(entry['reason'] or '-')}</td><td>{files}{error}</td></tr>")
+
+
+def _cache_table(status: Mapping[str, Any], by_task: Mapping[str, List[Mapping[str, Any]]]) -> str:
+    """Return, per task, how many elements came from the cache and which."""
+    rows = []
+    for task in status["tasks"]:
+        if not task["cached"]:
+            continue
+        indices = [inst["array_index"] for inst in by_task[task["name"]] if inst["cached"]]
+        which = "singleton" if indices == [None] else _index_ranges([i for i in indices if i is not None])
+        rows.append(f"<tr><td><code>{_esc(task['name'])}</code></td><td class=\"n\">{task['cached']}</td>"
+                    f"<td class=\"n\">{task['total']}</td><td><code>{_esc(which)}</code></td></tr>")
+    if not rows:
+        return '<span class="muted">No cache hits: every element ran.</span>'
+    return ('<table><tr><th>Task</th><th class="n">Cached</th><th class="n">Elements</th><th>Which</th></tr>'
+            f"{''.join(rows)}</table>")
+
+
+def _index_ranges(indices: Sequence[int], limit: int = 30) -> str:
+    """Render sorted indices compactly: ``0-4, 7, 9-12`` (at most ``limit`` ranges)."""
+    ranges: List[List[int]] = []
+    for index in sorted(indices):
+        if ranges and index == ranges[-1][1] + 1:
+            ranges[-1][1] = index
+        else:
+            ranges.append([index, index])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in ranges[:limit])
+    return text + (f", … ({len(ranges) - limit} more ranges)" if len(ranges) > limit else "")
 
 
 # =============================================================================
@@ -7768,6 +8451,8 @@ def _add_run_parsers(sub: Any, wf: Optional[Workflow]) -> None:
     status.add_argument("--errors", action="store_true", help="show the tail of each failure")
     status.add_argument("--exit-code", action="store_true",
                         help="exit 0 SUCCESS, 3 RUNNING, 4 FAILED, 5 CANCELLED")
+    status.add_argument("--watch", action="store_true", help="redraw until the run ends (then exit as --exit-code)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="--watch poll interval")
     cancel = sub.add_parser("cancel", help="cancel runs")
     cancel.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     cancel.add_argument("--task")
@@ -7776,6 +8461,8 @@ def _add_run_parsers(sub: Any, wf: Optional[Workflow]) -> None:
     retry.add_argument("run_id")
     retry.add_argument("--task")
     retry.add_argument("--no-verify", action="store_true", help="do not re-check cached Path outputs")
+    for parser in (cancel, retry):
+        parser.add_argument("--force", action="store_true", help="act on another user's run")
     runs = sub.add_parser("runs", help="list recent runs")
     runs.add_argument("-n", "--last", type=int, default=20)
     runs.add_argument("--all", action="store_true")
@@ -7786,8 +8473,13 @@ def _add_run_parsers(sub: Any, wf: Optional[Workflow]) -> None:
     runs.add_argument("--user", help="only runs of this user")
     logs = sub.add_parser("logs", help="show where a task's logs are and why it failed")
     logs.add_argument("run_id")
+    logs.add_argument("target", nargs="?", metavar="TASK[INDEX]", help="a task, or one element: square[3]")
     logs.add_argument("--task")
     logs.add_argument("--index", type=int)
+    logs.add_argument("--failed", action="store_true", help="every failed element, grouped by reason")
+    report = sub.add_parser("report", help="write one self-contained HTML report of a run")
+    report.add_argument("run_id")
+    report.add_argument("-o", "--output", help="HTML file to write (default: RUN_ID.html here)")
     resume = sub.add_parser("resume", help="run one dispatch cycle of a run now")
     resume.add_argument("run_id")
     dag = sub.add_parser("dag", help="print the task graph")
@@ -7912,24 +8604,88 @@ def _cmd_describe(args: argparse.Namespace, wf: Workflow) -> int:
 def _cmd_status(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
     with _open_store(args, wf, readonly=True) as store:
         status = run_status(store, args.run_id)
-    if args.task is not None and args.task not in status["summary"]:
-        raise GraphError(f"run {args.run_id!r} has no task {args.task!r}." + _suggest(args.task, status["summary"]))
+        if args.task is not None and args.task not in status["summary"]:
+            raise GraphError(f"run {args.run_id!r} has no task {args.task!r}."
+                             + _suggest(args.task, status["summary"]))
+        if args.watch:
+            status = watch_status(store, args.run_id, args.interval, args.task, args.json)
+            return STATUS_EXIT_CODES.get(status["run"]["status"], 1)
     if args.json:
         _print_json(status)
     else:
-        print(format_status(status, args.task, args.errors))
+        print(format_status(status, args.task, args.errors, use_colour()))
     return STATUS_EXIT_CODES.get(status["run"]["status"], 1) if args.exit_code else 0
 
 
+def watch_status(store: "Store", run_id: str, interval: float = 2.0, task: Optional[str] = None,
+                 as_json: bool = False, stream: Any = None) -> Dict[str, Any]:
+    """Show a run's status until it leaves RUNNING; return the final status.
+
+    On a terminal the table is redrawn with a progress bar and an ETA;
+    otherwise (or with ``as_json``) one line is printed whenever it changes.
+    """
+    stream = sys.stdout if stream is None else stream
+    tty = not as_json and bool(getattr(stream, "isatty", lambda: False)())
+    last = ""
+    while True:
+        status = run_status(store, run_id)
+        if tty:
+            text = format_status(status, task, False, use_colour(stream)) + "\n\n" + _progress_line(status)
+            stream.write("\x1b[H\x1b[2J" + text + "\n")
+        else:
+            text = json.dumps(_watch_record(status), sort_keys=True) if as_json else _watch_line(status)
+            if text != last:
+                stream.write(text + "\n")
+        stream.flush()
+        last = text
+        if status["run"]["status"] != RunState.RUNNING.value:
+            return status
+        time.sleep(max(0.1, interval))
+
+
+def _watch_record(status: Mapping[str, Any]) -> Dict[str, Any]:
+    """Return the compact dict ``status --watch --json`` prints per change."""
+    return {"run_id": status["run"]["run_id"], "status": status["run"]["status"], "progress": status["progress"],
+            "counts": status["summary"]}
+
+
+def _watch_line(status: Mapping[str, Any]) -> str:
+    """Return the plain line ``status --watch`` prints per change when not on a terminal."""
+    counts: Dict[str, int] = {}
+    for task_counts in status["summary"].values():
+        for state, count in task_counts.items():
+            counts[state] = counts.get(state, 0) + count
+    progress = status["progress"]
+    states = " ".join(f"{state.lower()}={counts[state]}" for state in sorted(counts))
+    return f"{_utcnow()[11:19]} {status['run']['status']} {progress['done']}/{progress['total']} {states}".rstrip()
+
+
+def _progress_line(status: Mapping[str, Any], width: int = 30) -> str:
+    """Return ``[#####.....] 50% 5/10  elapsed 1m02s  ETA 1m02s``."""
+    progress, elapsed = status["progress"], status["duration_seconds"] or 0.0
+    done, total = progress["done"], progress["total"]
+    filled = int(width * done / total) if total else 0
+    eta = elapsed * (total - done) / done if done and total > done else None
+    eta_text = f"  ETA {format_duration(eta)}" if eta is not None else ""
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {progress['percent']:g}% {done}/{total}  "
+            f"elapsed {format_duration(elapsed)}{eta_text}")
+
+
+def _check_runs(args: argparse.Namespace, wf: Optional[Workflow], run_ids: Sequence[str]) -> None:
+    """Check, read-only, that the runs exist and are the caller's (or ``--force``) before changing anything."""
+    with _open_store(args, wf, readonly=True) as store:
+        for run_id in run_ids:
+            check_owner(_load_run(store, run_id), args.force)
+
+
 def _cmd_cancel(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
+    _check_runs(args, wf, args.run_ids)
+    if len(args.run_ids) > 1 and not args.yes:
+        print("\n".join(f"  {run_id}" for run_id in args.run_ids))
+        if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("Aborted.")
+            return 1
     with _open_store(args, wf) as store:
-        for run_id in args.run_ids:
-            _load_run(store, run_id)
-        if len(args.run_ids) > 1 and not args.yes:
-            print("\n".join(f"  {run_id}" for run_id in args.run_ids))
-            if input("Proceed? [y/N] ").strip().lower() not in ("y", "yes"):
-                print("Aborted.")
-                return 1
         config = wf.config if wf else None
         total = sum(cancel_run(store, run_id, args.task, None, config) for run_id in args.run_ids)
     print(f"Cancelled {total} task instance(s) across {len(args.run_ids)} run(s).")
@@ -7937,6 +8693,7 @@ def _cmd_cancel(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
 
 
 def _cmd_retry(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
+    _check_runs(args, wf, [args.run_id])
     with _open_store(args, wf) as store:
         count = retry_run(store, args.run_id, args.task, None, not args.no_verify, wf.config if wf else None)
     print(f"Marked {count} task instance(s) for retry.")
@@ -7953,62 +8710,86 @@ def _cmd_runs(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
         runs = store.list_runs(name, args.user, limit=None if limit is None else limit + 1, since=args.since,
                                until=args.until, status=args.status)
         shown = runs[:limit] if limit else runs
-        progress = {run["run_id"]: store.task_state_summary(run["run_id"]) for run in shown}
+        progress = {run["run_id"]: run_progress(store.task_state_summary(run["run_id"])) for run in shown}
     if args.json:
-        _print_json([dict(run, progress=_progress(progress[run["run_id"]])) for run in shown])
+        _print_json([dict(run, progress=progress[run["run_id"]], duration_seconds=run_duration(run))
+                     for run in shown])
         return 0
     if not shown:
         print("No runs found.")
         return 0
-    for run in shown:
-        done, total = _progress(progress[run["run_id"]])
-        print(f"  {run['run_id']}  {run['status']:<12}  {run['created_at'][:19]}  {done}/{total}  "
-              f"{run['graph_name']}  {run['user_id']}")
+    _print_runs(shown, progress, use_colour())
     if limit and len(runs) > limit:
         print(f"\n  (showing last {limit} — use --all to see all runs)")
     return 0
 
 
-def _progress(summary: Mapping[str, Mapping[str, int]]) -> Tuple[int, int]:
-    """Return (finished, total) instance counts of a run."""
-    total = sum(sum(counts.values()) for counts in summary.values())
-    done = sum(counts.get(state, 0) for counts in summary.values() for state in ("SUCCESS", "FAILED", "CANCELLED"))
-    return done, total
+def _print_runs(runs: Sequence[Mapping[str, Any]], progress: Mapping[str, Mapping[str, Any]], colour: bool) -> None:
+    """Print the table of ``runs``: id, workflow, user, state, progress, start, duration."""
+    rows = [("RUN", "WORKFLOW", "USER", "STATE", "PROGRESS", "STARTED (UTC)", "DURATION")]
+    for run in runs:
+        done = progress[run["run_id"]]
+        rows.append((run["run_id"], run["graph_name"], run["user_id"] or "?", run["status"],
+                     f"{done['done']}/{done['total']}", run["created_at"][:19].replace("T", " "),
+                     format_duration(run_duration(run))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for number, row in enumerate(rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)]
+        if number:
+            cells[3] = _paint(cells[3], row[3], colour)
+        print("  " + "  ".join(cells).rstrip())
 
 
 def _cmd_logs(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
+    task, index = _parse_target(args.target) if args.target else (args.task, args.index)
+    if index is not None and task is None:
+        raise _UsageError("logs: --index needs a task (or write TASK[INDEX])")
     with _open_store(args, wf, readonly=True) as store:
-        run = _load_run(store, args.run_id)
-        _check_task_name(store, args.run_id, args.task)
-        instances = store.list_task_instances(args.run_id, args.task)
-    if args.index is not None:
-        instances = [inst for inst in instances if inst["array_index"] == args.index]
-    elif args.task is None:
-        instances = [inst for inst in instances if inst["state"] == TaskState.FAILED.value]
-    entries = [_log_entry(Path(run["parameters"][P_RUN_DIR]), inst) for inst in instances]
+        entries = log_entries(store, args.run_id, task, index, args.failed)
     if args.json:
         _print_json(entries)
-        return 0
-    for entry in entries:
-        print(f"{entry['task']}[{'' if entry['index'] is None else entry['index']}]  {entry['state']}  "
-              f"job={entry['job_id'] or '-'}  {entry['reason']}")
-        for path in entry["logs"]:
-            print(f"    log: {path}")
-        for line in entry["error_tail"]:
-            print(f"    | {line}")
-    if not entries:
-        print("No matching instances.")
+    elif args.failed:
+        print(format_failures(entries))
+    else:
+        print("\n".join(line for entry in entries for line in _format_log_entry(entry)) or "No matching instances.")
     return 0
 
 
-def _log_entry(run_dir: Path, inst: Mapping[str, Any]) -> Dict[str, Any]:
-    """Describe where an instance's logs are and why it ended as it did."""
-    job = re.sub(r"[^\w.-]", "_", inst["job_id"] or "")
-    logs = sorted(str(p) for p in (run_dir / "logs").glob(f"{inst['task_name']}-{job}*")) if job else []
-    error = (inst.get("error_text") or "").rstrip().splitlines()
-    return {"task": inst["task_name"], "index": inst["array_index"], "state": inst["state"], "job_id": inst["job_id"],
-            "reason": inst.get("reason") or "", "exit_code": inst.get("exit_code"), "logs": logs,
-            "error_tail": error[-15:]}
+_TARGET_RE = re.compile(r"^(?P<task>[^\[\]]+)(?:\[(?P<index>\d+)\])?$")
+
+
+def _parse_target(text: str) -> Tuple[str, Optional[int]]:
+    """Split ``task`` or ``task[3]`` into (task, index)."""
+    match = _TARGET_RE.match(text.strip())
+    if not match:
+        raise _UsageError(f"logs: {text!r} is not TASK or TASK[INDEX] (e.g. square[3])")
+    return match["task"], None if match["index"] is None else int(match["index"])
+
+
+def format_failures(entries: Sequence[Mapping[str, Any]]) -> str:
+    """Render failed log entries grouped by reason, the most frequent reason first."""
+    groups: Dict[str, List[Mapping[str, Any]]] = {}
+    for entry in entries:
+        groups.setdefault(entry["reason"] or "unknown reason", []).append(entry)
+    lines: List[str] = []
+    for reason, members in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        lines.append(f"{reason}: {len(members)} failed element(s)")
+        for entry in members:
+            lines.extend("  " + line for line in _format_log_entry(entry))
+    return "\n".join(lines) or "No failed elements."
+
+
+def _format_log_entry(entry: Mapping[str, Any]) -> List[str]:
+    """Render one log entry: the element, its exit, its files and the tail of its stderr."""
+    label = entry["task"] + ("" if entry["index"] is None else f"[{entry['index']}]")
+    exit_text = "" if entry["exit_code"] is None else f"  exit {entry['exit_code']}"
+    signal_text = f"  {entry['signal']}" if entry["signal"] else ""
+    lines = [f"{label}  {entry['state']}  attempt {entry['attempt']}  job={entry['job_id'] or '-'}"
+             f"{exit_text}{signal_text}  {entry['reason']}".rstrip()]
+    lines += [f"    {name}: {entry[name]}" for name in ("stdout", "stderr") if entry[name]]
+    tail = entry["stderr_tail"] or entry["error_tail"]
+    lines += [f"    | {line}" for line in tail]
+    return lines
 
 
 def _cmd_resume(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
@@ -8026,19 +8807,24 @@ def _cmd_dag(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
     states: Dict[str, str] = {}
     if args.run_id:
         with _open_store(args, wf, readonly=True) as store:
-            _load_run(store, args.run_id)
-            nodes = [(s["task_name"], bool(s["is_array"]), list(s.get("dependencies") or []))
-                     for s in store.get_task_specs(args.run_id)]
-            summary = store.task_state_summary(args.run_id)
-        states = {name: _task_state(summary.get(name, {})) for name, _, _ in nodes}
+            nodes, states = _run_graph(store, args.run_id)
     else:
         wf.validate()  # type: ignore[union-attr]
         nodes = [(n, wf.tasks[n].is_array, wf.tasks[n].dependencies) for n in wf.topological_order()]  # type: ignore
     if getattr(args, "json", False):
         _print_json([{"task": n, "is_array": a, "dependencies": d, "state": states.get(n)} for n, a, d in nodes])
     else:
-        print(render_dag(nodes, args.format, states))
+        print(render_dag(nodes, args.format, states, colour=args.format == "text" and use_colour()))
     return 0
+
+
+def _run_graph(store: "Store", run_id: str) -> Tuple[List[Tuple[str, bool, List[str]]], Dict[str, str]]:
+    """Return a recorded run's ``(task, is_array, dependencies)`` nodes and each task's state."""
+    _load_run(store, run_id)
+    nodes = [(s["task_name"], bool(s["is_array"]), list(s.get("dependencies") or []))
+             for s in store.get_task_specs(run_id)]
+    summary = store.task_state_summary(run_id)
+    return nodes, {name: _task_state(summary.get(name, {})) for name, _, _ in nodes}
 
 
 def _task_state(counts: Mapping[str, int]) -> str:
@@ -8050,8 +8836,12 @@ def _task_state(counts: Mapping[str, int]) -> str:
 
 
 def render_dag(nodes: Sequence[Tuple[str, bool, Sequence[str]]], fmt: str = "text",
-               states: Optional[Mapping[str, str]] = None) -> str:
-    """Render ``(task, is_array, dependencies)`` triples as text, mermaid or dot."""
+               states: Optional[Mapping[str, str]] = None, colour: bool = False) -> str:
+    """Render ``(task, is_array, dependencies)`` triples as a text tree, mermaid or dot.
+
+    ``states`` maps tasks to a state shown next to them (ANSI-coloured in
+    the text tree when ``colour``; a fill colour in dot; a class in mermaid).
+    """
     states = states or {}
     if fmt == "mermaid":
         lines = ["flowchart TD"]
@@ -8069,8 +8859,38 @@ def render_dag(nodes: Sequence[Tuple[str, bool, Sequence[str]]], fmt: str = "tex
             lines.append(f'    "{n}" [{", ".join(attrs)}];' if attrs else f'    "{n}";')
         lines += [f'    "{d}" -> "{n}";' for n, _, deps in nodes for d in deps]
         return "\n".join([*lines, "}"])
-    return "\n".join(f"  {n}{' [array]' if array else ''}{'  <- ' + ', '.join(deps) if deps else ''}"
-                     f"{'  ' + states[n] if n in states else ''}" for n, array, deps in nodes)
+    return _dag_tree(nodes, states, colour)
+
+
+def _dag_tree(nodes: Sequence[Tuple[str, bool, Sequence[str]]], states: Mapping[str, str], colour: bool) -> str:
+    """Draw the graph as a tree: each task under its latest dependency, the others named."""
+    order = {name: position for position, (name, _, _) in enumerate(nodes)}
+    children: Dict[Optional[str], List[Tuple[str, bool, Sequence[str]]]] = {}
+    for node in nodes:
+        deps = [d for d in node[2] if d in order]
+        children.setdefault(max(deps, key=order.__getitem__) if deps else None, []).append(node)
+    lines: List[str] = []
+
+    def draw(parent: Optional[str], prefix: str) -> None:
+        kids = children.get(parent, [])
+        for number, (name, array, deps) in enumerate(kids):
+            last = number == len(kids) - 1
+            branch = "" if parent is None else ("└── " if last else "├── ")
+            others = [d for d in deps if d != parent]
+            state = f"  {_paint(states[name], states[name], colour)}" if name in states else ""
+            lines.append(f"{prefix}{branch}{name}{' [array]' if array else ''}{state}"
+                         f"{'  (also after ' + ', '.join(others) + ')' if others else ''}")
+            draw(name, prefix + ("" if parent is None else ("    " if last else "│   ")))
+
+    draw(None, "")
+    return "\n".join(lines)
+
+
+def _cmd_report(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
+    with _open_store(args, wf, readonly=True) as store:
+        path = write_report(store, args.run_id, args.output)
+    print(f"Wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
 
 
 def _cmd_dispatch(args: argparse.Namespace, wf: Workflow) -> int:
@@ -8093,7 +8913,7 @@ def _cmd_worker(args: argparse.Namespace, wf: Workflow) -> int:
 _COMMANDS: Dict[str, Callable[[argparse.Namespace, Any], int]] = {
     "submit": _cmd_submit, "run": _cmd_run, "describe": _cmd_describe, "status": _cmd_status,
     "cancel": _cmd_cancel, "retry": _cmd_retry, "runs": _cmd_runs, "logs": _cmd_logs, "resume": _cmd_resume,
-    "dag": _cmd_dag, "dispatch": _cmd_dispatch, "worker": _cmd_worker,
+    "dag": _cmd_dag, "report": _cmd_report, "dispatch": _cmd_dispatch, "worker": _cmd_worker,
 }
 
 
@@ -8129,7 +8949,8 @@ SUBMODULES = {
     "flow": ["Flow", "TaskSpec", "JobConfig"],
     "cache": ["compute_input_hash", "compute_identity", "compute_output_hash", "verify_cached_output"],
     "manifest": ["ManifestCodec", "DEFAULT_CODEC", "WorkflowDescription", "TaskDescription", "CliParamDescription"],
-    "results": ["TaskState", "RunState", "run_status", "format_status"],
+    "results": ["TaskState", "RunState", "run_status", "format_status", "log_entries"],
+    "report": ["write_report", "report_data", "render_report"],
     "signals": ["graceful_shutdown", "TaskInterrupted"],
     "run": ["Run", "cancel_run", "retry_run", "run_status"],
     "_types": ["TaskState", "RunState", "WireMode"],

@@ -11,6 +11,8 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import html
+import html.parser
 import importlib
 import importlib.util
 import inspect
@@ -4220,6 +4222,7 @@ class _BackendScenarios:
         self.assertEqual(failed, [("square", 1, "FAILED")], self.diagnose(run))
         self.assertIn("boom at 1", status["failed_instances"][0]["error_text"])
         self.assertEqual(run.store.task_state_summary(run.run_id)["square"], {"SUCCESS": 2, "FAILED": 1})
+        check_operating_commands(self, run, "boom at 1")
         fixed.write_text("ok")
         before = len(self.calls())
         with contextlib.redirect_stdout(io.StringIO()):
@@ -4281,6 +4284,7 @@ class _BackendScenarios:
         text = f"{hog.get('reason')} {hog.get('error_text')}"
         self.assertRegex(text, r"TIMEOUT|walltime|RUNLIMIT|run ?time limit|h_rt",
                          f"no walltime reason in status\n{self.diagnose(run)}")
+        check_operating_commands(self, run)
 
     def walltime_factor(self) -> float:
         """Return how much of its walltime a job really gets (the emulators scale it)."""
@@ -4456,6 +4460,7 @@ class _EmulatedBackend(_BackendScenarios):
         self.check_calls(run, self.calls(), module.wf.name)
         text = f"{hog.get('reason')} {hog.get('error_text')}"
         self.assertRegex(text, self.OOM_REASON, f"no memory reason in status\n{self.diagnose(run)}")
+        check_operating_commands(self, run)
 
 
 class PBSEmulatedTest(_EmulatedBackend, TempDirTest):
@@ -4535,6 +4540,548 @@ class LocalBackendTest(_BackendScenarios, TempDirTest):
 
     def walltime_factor(self) -> float:
         return 5.0
+
+
+# =============================================================================
+# Operating runs from the store (issue 4)
+# =============================================================================
+
+#: A fan-out whose element N fails while the file named by $FAIL_AT holds N, and whose
+#: elements sleep while the file named by $HOLD exists (so a run can be cancelled mid-way),
+#: leaving a mark in $MARKS to say they started.
+_OPS_FLOW = """
+import os, sys, time
+from typing import Annotated
+from reflow import Param, Result, Workflow
+
+wf = Workflow("ops")
+
+@wf.job()
+def prepare(n: Annotated[int, Param(help="how many")] = 5, first: int = 0, label: str = "plain") -> list[int]:
+    return list(range(first, first + n))
+
+@wf.job(array=True)
+def square(x: int = Result(step="prepare")) -> int:
+    while os.path.exists(os.environ["HOLD"]):
+        open(os.path.join(os.environ["MARKS"], str(x)), "w").close()
+        time.sleep(0.1)
+    if os.path.exists(os.environ["FAIL_AT"]) and x == int(open(os.environ["FAIL_AT"]).read()):
+        print(f"element {x} about to fail", file=sys.stderr)
+        raise RuntimeError(f"boom at {x}")
+    return x * x
+
+@wf.job()
+def total(values: list[int] = Result(step="square")) -> int:
+    return sum(values)
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: Keys ``status --json`` documents as stable (run_status's docstring, README).
+_STATUS_KEYS = {"run", "progress", "duration_seconds", "summary", "tasks", "instances", "failed_instances"}
+_TASK_KEYS = {"name", "is_array", "dependencies", "width", "counts", "total", "cached", "running_seconds", "failed"}
+
+
+class OperateFromStoreTest(unittest.TestCase):
+    """Every operating command on stores made by real local runs, through reflow.py and wf.cli().
+
+    The runs are made once for the class: ``retried`` failed at square[3] and was retried
+    to success with ``reflow.py retry``; ``cached`` reuses square[0-4] from it and fails at
+    square[5]; ``cancelled`` was cancelled with ``reflow.py cancel`` mid-run.
+    """
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls._tmp = tempfile.TemporaryDirectory(prefix="reflow-ops-")
+        cls.tmp = Path(cls._tmp.name)
+        cls.store_path = cls.tmp / "store" / "manifest.db"
+        cls.fail_at, cls.hold = cls.tmp / "fail_at", cls.tmp / "hold"
+        cls.marks = cls.tmp / "marks"
+        for directory in (cls.marks, cls.tmp / "tmp"):
+            directory.mkdir()
+        # A private TMPDIR: local jobs share cpu-slot locks under it with every local job of the user.
+        cls._env = mock_env(XDG_CONFIG_HOME=str(cls.tmp / "config"), XDG_CACHE_HOME=str(cls.tmp / "cache"),
+                            REFLOW_STORE_PATH=str(cls.store_path), HOME=str(cls.tmp / "home"),
+                            REFLOW_LOCAL_CPUS="4", TMPDIR=str(cls.tmp / "tmp"), FAIL_AT=str(cls.fail_at),
+                            HOLD=str(cls.hold), MARKS=str(cls.marks), NO_COLOR=None)
+        cls._env.__enter__()
+        try:
+            cls.module = load_flow(cls.tmp, _OPS_FLOW)
+            cls._make_runs()
+        except BaseException:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        cls.hold.unlink(missing_ok=True)
+        cls._env.__exit__(None, None, None)
+        _stop_local_jobs(cls.tmp)
+        cls._tmp.cleanup()
+
+    @classmethod
+    def _make_runs(cls) -> None:
+        wf = cls.module.wf
+        cls.fail_at.write_text("3")
+        retried = wf.submit(cls.tmp / "retried", executor="local", n=5, label="<b>x</b> & 'y'")
+        assert retried.wait(timeout=120) == "FAILED", retried.status(as_dict=True)
+        cls.fail_at.unlink()
+        proc = run_cli(HERE / "reflow.py", "retry", retried.run_id, "--store-path", cls.store_path)
+        assert proc.returncode == 0 and "Marked 2" in proc.stdout, proc.stderr + proc.stdout
+        assert retried.wait(timeout=120) == "SUCCESS", retried.status(as_dict=True)
+        cls.fail_at.write_text("5")
+        cached = wf.submit(cls.tmp / "cached", executor="local", n=6)  # elements 0-4 come from the cache
+        assert cached.wait(timeout=120) == "FAILED", cached.status(as_dict=True)
+        cls.fail_at.unlink()
+        cls.hold.write_text("")
+        cancelled = wf.submit(cls.tmp / "cancelled", executor="local", n=2, first=100)  # not cached
+        _wait_for_marks(cls.marks, ["100", "101"])
+        proc = run_cli(HERE / "reflow.py", "cancel", cancelled.run_id, "--store-path", cls.store_path)
+        assert proc.returncode == 0 and "Cancelled 3" in proc.stdout, proc.stderr + proc.stdout
+        cls.hold.unlink()
+        cls.runs = {"retried": retried.run_id, "cached": cached.run_id, "cancelled": cancelled.run_id}
+
+    # -- helpers -------------------------------------------------------------------
+
+    def cli(self, *argv: Any) -> subprocess.CompletedProcess:
+        """Run ``python reflow.py ARGV --store-path STORE`` (the store-only entry point)."""
+        return run_cli(HERE / "reflow.py", *argv, "--store-path", self.store_path)
+
+    def wf_cli(self, *argv: Any) -> Tuple[int, str]:
+        """Run ``wf.cli(ARGV)`` in this process; return (exit code, stdout)."""
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = self.module.wf.cli([str(a) for a in argv])
+        return code, out.getvalue()
+
+    def report(self, name: str) -> Tuple[str, Path]:
+        """Write the report of one of the class's runs with ``reflow.py report``; return (text, path)."""
+        path = self.tmp / f"{name}.html"
+        proc = self.cli("report", self.runs[name], "-o", path)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertIn(str(path), proc.stdout)
+        return path.read_text(encoding="utf-8"), path
+
+    # -- runs and status ----------------------------------------------------------------
+
+    def test_runs_table_filters_and_json(self) -> None:
+        proc = self.cli("runs")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        header, *rows = proc.stdout.strip().splitlines()
+        self.assertEqual(header.split(), ["RUN", "WORKFLOW", "USER", "STATE", "PROGRESS", "STARTED", "(UTC)",
+                                          "DURATION"])
+        self.assertEqual([row.split()[0] for row in rows], [self.runs[k] for k in ("cancelled", "cached", "retried")])
+        self.assertIn("FAILED", rows[1])
+        self.assertIn("8/8", rows[1])  # prepare, 6 squares (one failed), total (cancelled: upstream failed)
+        proc = self.cli("runs", "--status", "failed", "--json")
+        listed = json.loads(proc.stdout)
+        self.assertEqual([r["run_id"] for r in listed], [self.runs["cached"]])
+        self.assertEqual(listed[0]["progress"], {"done": 8, "total": 8, "percent": 100.0})
+        self.assertGreater(listed[0]["duration_seconds"], 0)
+        self.assertEqual(json.loads(self.cli("runs", "--user", "nobody-else", "--json").stdout), [])
+        self.assertEqual(json.loads(self.cli("runs", "--workflow", "ops", "--json").stdout)[2]["run_id"],
+                         self.runs["retried"])
+
+    def test_status_table_names_cache_hits_failures_and_reasons(self) -> None:
+        proc = self.cli("status", self.runs["cached"], "--exit-code")
+        self.assertEqual(proc.returncode, reflow.STATUS_EXIT_CODES["FAILED"], proc.stderr)
+        lines = proc.stdout.splitlines()
+        square = next(line.split() for line in lines if line.strip().startswith("square"))
+        # TASK [] TOTAL DONE FAILED RUNNING QUEUED CANCELLED CACHED RUN-TIME
+        self.assertEqual(square[2:9], ["6", "5", "1", "0", "0", "0", "5"])
+        failed = next(line for line in lines if line.strip().startswith("square[5]"))
+        with reflow.SqliteStore(self.store_path, readonly=True) as store:
+            row = store.get_task_instance(self.runs["cached"], "square", 5)
+        self.assertIn(f"job={row['job_id']}", failed)
+        self.assertIn(row["reason"], failed)
+        self.assertNotIn("\x1b[", proc.stdout)  # not a terminal: no colour
+        proc = self.cli("status", self.runs["cached"], "--errors")
+        self.assertIn("RuntimeError: boom at 5", proc.stdout)
+
+    def test_status_json_keys_are_the_documented_ones(self) -> None:
+        status = json.loads(self.cli("status", self.runs["cached"], "--json").stdout)
+        self.assertEqual(set(status), _STATUS_KEYS)
+        for key in _STATUS_KEYS | _TASK_KEYS:
+            self.assertIn(f"``{key}``", reflow.run_status.__doc__)
+            self.assertIn(f"`{key}`", (HERE / "README.md").read_text())
+        tasks = {task["name"]: task for task in status["tasks"]}
+        self.assertEqual(set(tasks["square"]), _TASK_KEYS)
+        self.assertEqual((tasks["square"]["cached"], tasks["square"]["total"]), (5, 6))
+        self.assertEqual([(f["index"], f["attempt"]) for f in tasks["square"]["failed"]], [(5, 0)])
+        self.assertTrue(tasks["square"]["failed"][0]["job_id"])
+        self.assertEqual(status["progress"], {"done": 8, "total": 8, "percent": 100.0})
+        self.assertEqual(status["summary"]["total"], {"CANCELLED": 1})
+
+    def test_watch_prints_plain_lines_and_exits_with_the_run(self) -> None:
+        proc = self.cli("status", self.runs["retried"], "--watch", "--interval", "0.1")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertRegex(proc.stdout.strip(), r"^\d\d:\d\d:\d\d SUCCESS 7/7 success=7$")
+        proc = self.cli("status", self.runs["cancelled"], "--watch", "--json")
+        self.assertEqual(proc.returncode, reflow.STATUS_EXIT_CODES["CANCELLED"])
+        self.assertEqual(json.loads(proc.stdout)["status"], "CANCELLED")
+
+    def test_watch_follows_a_live_run_until_it_ends(self) -> None:
+        self.hold.write_text("")
+        run = self.module.wf.submit(self.tmp / "watched", executor="local", n=2, first=200)
+        watcher = subprocess.Popen([sys.executable, str(HERE / "reflow.py"), "status", run.run_id, "--watch",
+                                    "--interval", "0.2", "--store-path", str(self.store_path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for_marks(self.marks, ["200", "201"])
+        finally:
+            self.hold.unlink()
+        out, err = watcher.communicate(timeout=120)
+        self.assertEqual(watcher.returncode, 0, err)
+        lines = out.strip().splitlines()
+        self.assertGreaterEqual(len(lines), 2, out)
+        self.assertIn(" RUNNING ", lines[0])
+        self.assertRegex(lines[-1], r" SUCCESS 4/4 success=4$")
+        self.assertEqual(len(lines), len(set(lines)), "a line is printed only when something changed")
+
+    def test_watch_on_a_terminal_redraws_with_progress_and_colour(self) -> None:
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        with reflow.SqliteStore(self.store_path, readonly=True) as store:
+            for no_color, coloured in ((None, True), ("1", False)):
+                with self.subTest(NO_COLOR=no_color), mock_env(NO_COLOR=no_color):
+                    screen = Terminal()
+                    final = reflow.watch_status(store, self.runs["cached"], 0.1, stream=screen)
+                    self.assertEqual(final["run"]["status"], "FAILED")
+                    text = screen.getvalue()
+                    self.assertTrue(text.startswith("\x1b[H\x1b[2J"), text[:20])
+                    self.assertRegex(text, r"\n\n\[#{30}\] 100% 8/8  elapsed \d")
+                    self.assertEqual("\x1b[31m" in text, coloured)
+
+    # -- logs ----------------------------------------------------------------------
+
+    def test_logs_of_one_element(self) -> None:
+        proc = self.cli("logs", self.runs["cached"], "square[5]", "--json")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        (entry,) = json.loads(proc.stdout)
+        self.assertEqual((entry["task"], entry["index"], entry["state"]), ("square", 5, "FAILED"))
+        self.assertTrue(Path(entry["stdout"]).is_file() and Path(entry["stderr"]).is_file(), entry)
+        self.assertIn("element 5 about to fail", entry["stderr_tail"])
+        self.assertIn("RuntimeError: boom at 5", entry["error_tail"])
+        self.assertIn(entry["job_id"].split("_")[0], Path(entry["stderr"]).name)
+        proc = self.cli("logs", self.runs["cached"], "square[5]")
+        self.assertIn(f"stderr: {entry['stderr']}", proc.stdout)
+        self.assertIn("| element 5 about to fail", proc.stdout)
+        proc = self.cli("logs", self.runs["cached"], "square[1]", "--json")  # a cache hit ran nowhere
+        self.assertEqual(json.loads(proc.stdout)[0]["state"], "SUCCESS")
+
+    def test_logs_failed_groups_by_reason(self) -> None:
+        proc = self.cli("logs", self.runs["cached"], "--failed")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with reflow.SqliteStore(self.store_path, readonly=True) as store:
+            reason = store.get_task_instance(self.runs["cached"], "square", 5)["reason"]
+        self.assertTrue(proc.stdout.startswith(f"{reason}: 1 failed element(s)\n  square[5]  FAILED  attempt 0"),
+                        proc.stdout)
+        self.assertEqual(self.cli("logs", self.runs["retried"], "--failed").stdout.strip(), "No failed elements.")
+        entries = reflow.Run(None, self.runs["cached"], self.tmp / "cached", reflow.SqliteStore(
+            self.store_path, readonly=True)).logs(failed=True)
+        self.assertEqual([(e["task"], e["index"]) for e in entries], [("square", 5)])
+
+    def test_exit_signal_names(self) -> None:
+        self.assertEqual(reflow.exit_signal(137), "SIGKILL")
+        self.assertEqual(reflow.exit_signal(-15), "SIGTERM")
+        self.assertEqual(reflow.exit_signal(None, "signal 9"), "SIGKILL")
+        self.assertIsNone(reflow.exit_signal(1, "exit 1"))
+
+    # -- cancel and retry ---------------------------------------------------------------
+
+    def test_cancel_recorded_in_store_and_events(self) -> None:
+        with reflow.SqliteStore(self.store_path, readonly=True) as store:
+            run_id = self.runs["cancelled"]
+            self.assertEqual(store.get_run(run_id)["status"], "CANCELLED")
+            self.assertEqual(store.task_state_summary(run_id)["square"], {"CANCELLED": 2})
+            kinds = [e["event"] for e in store.list_events(run_id) if e["task_name"] == "square"]
+        self.assertEqual(kinds[-2:], ["cancelled", "cancelled"])
+        self.assertIn("submitted", kinds)
+
+    def test_cancel_and_retry_refuse_another_users_run(self) -> None:
+        shared = self.tmp / "shared.db"
+        shutil.copyfile(self.store_path, shared)
+        with contextlib.closing(sqlite3.connect(shared)) as conn, conn:
+            conn.execute("UPDATE runs SET user_id = 'someone-else'")
+        before = shared.read_bytes()
+        for command in ("cancel", "retry"):
+            with self.subTest(command=command):
+                proc = run_cli(HERE / "reflow.py", command, self.runs["cached"], "--store-path", shared)
+                self.assertEqual(proc.returncode, 1)
+                self.assertEqual(proc.stderr.count("\n"), 1, proc.stderr)
+                self.assertIn("belongs to user 'someone-else'", proc.stderr)
+                self.assertIn("--force", proc.stderr)
+                self.assertEqual(shared.read_bytes(), before)
+        proc = run_cli(HERE / "reflow.py", "cancel", self.runs["cached"], "--force", "--store-path", shared)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with reflow.SqliteStore(shared, readonly=True) as store:
+            self.assertEqual(store.get_run(self.runs["cached"])["status"], "CANCELLED")
+
+    # -- dag -----------------------------------------------------------------------
+
+    def test_dag_tree_dot_mermaid_with_states(self) -> None:
+        run_id = self.runs["cached"]
+        proc = self.cli("dag", run_id)
+        self.assertEqual(proc.stdout.splitlines(), ["prepare  SUCCESS", "└── square [array]  FAILED",
+                                                    "    └── total  CANCELLED"])
+        self.assertIn('"square" [peripheries=2, style=filled, fillcolor="salmon"];',
+                      self.cli("dag", run_id, "--format", "dot").stdout)
+        self.assertIn("class square failed", self.cli("dag", run_id, "--format", "mermaid").stdout)
+        code, out = self.wf_cli("dag")
+        self.assertEqual((code, out.splitlines()[1]), (0, "└── square [array]"))
+        code, out = self.wf_cli("dag", run_id, "--store-path", self.store_path, "--format", "dot")
+        self.assertIn('fillcolor="salmon"', out)
+        nodes = [("a", False, []), ("b", True, ["a"]), ("c", False, ["a"]), ("d", False, ["b", "c"])]
+        self.assertEqual(reflow.render_dag(nodes, states={"a": "SUCCESS"}, colour=True).splitlines(),
+                         ["a  \x1b[32mSUCCESS\x1b[0m", "├── b [array]", "└── c", "    └── d  (also after b)"])
+
+    # -- report ----------------------------------------------------------------------
+
+    def test_report_of_a_retried_run_shows_both_attempts(self) -> None:
+        text, _ = self.report("retried")
+        bars = _report_bars(text)
+        self.assertEqual(sorted({b["data-task"] for b in bars}), ["prepare", "square", "total"])
+        attempts = [(b["data-attempt"], b["data-state"]) for b in bars if b["data-task"] == "square"
+                    and b["data-index"] == "3"]
+        self.assertEqual(attempts, [("0", "FAILED"), ("1", "SUCCESS")])
+        self.assertEqual([b["data-state"] for b in bars if b["data-task"] == "total"], ["CANCELLED", "SUCCESS"])
+        self.assertIn("&lt;b&gt;x&lt;/b&gt; &amp; &#x27;y&#x27;", text)  # the label parameter, escaped
+        self.assertNotIn("<b>x</b>", text)
+        self.assertIn("No failed elements.", text)
+
+    def test_report_of_a_failed_run_with_cache_hits(self) -> None:
+        text, _ = self.report("cached")
+        bars = _report_bars(text)
+        cached = sorted(int(b["data-index"]) for b in bars if b["data-state"] == "CACHED")
+        self.assertEqual(cached, [0, 1, 2, 3, 4])
+        with reflow.SqliteStore(self.store_path, readonly=True) as store:
+            row = store.get_task_instance(self.runs["cached"], "square", 5)
+        stderr = f"{self.tmp}/cached/logs/square-{row['job_id']}.err"
+        self.assertIn(f"<code>{stderr}</code>", text)
+        self.assertIn("RuntimeError: boom at 5", text)
+        self.assertIn(f"<b>{row['reason']}</b>: 1", text)
+        self.assertRegex(text, r"<code>square</code></td><td class=\"n\">5</td><td class=\"n\">6</td>"
+                               r"<td><code>0-4</code>")
+        self.assertNotRegex(text, r"(?i)<script|https?://(?!www\.w3\.org/2000/svg)|@import|url\((?!#)")
+
+    def test_report_under_wf_cli_and_on_the_run_handle(self) -> None:
+        path = self.tmp / "wf-cli.html"
+        code, out = self.wf_cli("report", self.runs["cancelled"], "-o", path, "--store-path", self.store_path)
+        self.assertEqual((code, out.split()[:2]), (0, ["Wrote", str(path)]))
+        states = {b["data-state"] for b in _report_bars(path.read_text())}
+        self.assertEqual(states, {"SUCCESS", "CANCELLED"})
+        with reflow.SqliteStore(self.store_path, readonly=True) as store:
+            run = reflow.Run(None, self.runs["cancelled"], self.tmp / "cancelled", store)
+            self.assertEqual(run.report(self.tmp / "handle.html").read_text()[:15], "<!DOCTYPE html>")
+            self.assertIn("└── square [array]  CANCELLED", run.dag())
+        cwd_report = run_cli(HERE / "reflow.py", "report", self.runs["cancelled"], "--store-path",
+                             self.store_path, cwd=self.tmp)
+        self.assertEqual(cwd_report.returncode, 0, cwd_report.stderr)
+        self.assertTrue((self.tmp / f"{self.runs['cancelled']}.html").is_file())
+
+    def test_report_in_headless_chromium(self) -> None:
+        browser = shutil.which("chromium") or shutil.which("chromium-browser")
+        if not browser:
+            if IN_CI:
+                self.fail("chromium is not installed (CI installs the Debian package)")
+            self.skipTest("chromium is not installed")
+        _, path = self.report("cached")
+        artifacts = Path(os.environ.get("REFLOW_ARTIFACTS") or self.tmp)
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shot = artifacts / f"report-{sys.version_info[0]}.{sys.version_info[1]}.png"
+        dom, log = _chromium(browser, self.tmp / "profile-dom", path, "--dump-dom")
+        bars = _report_bars(dom)
+        self.assertEqual({b["data-task"] for b in bars}, {"prepare", "square", "total"})
+        self.assertEqual(len([b for b in bars if b["data-task"] == "square"]), 6)
+        self.assertIn('class="node" data-task="square" data-state="FAILED"', dom)
+        errors = [line for line in log.splitlines() if "Uncaught" in line or
+                  ("CONSOLE" in line and re.search(r"ERROR|error", line))]
+        self.assertEqual(errors, [])
+        _chromium(browser, self.tmp / "profile-shot", path, f"--screenshot={shot}", "--window-size=1400,1000")
+        self.assertEqual(shot.read_bytes()[:8], b"\x89PNG\r\n\x1a\n")
+        print(f"\n  report screenshot: {shot}", file=sys.stderr)
+
+    def test_report_of_ten_thousand_elements_stays_small(self) -> None:
+        path = self.tmp / "wide.db"
+        with reflow.SqliteStore(path) as store:
+            _wide_run(store, "wide-1", 10000)
+            report = reflow.write_report(store, "wide-1", self.tmp / "wide.html")
+        size = report.stat().st_size
+        self.assertLess(size, 3 * 1024 * 1024)
+        text = report.read_text()
+        (band,) = [b for b in _report_bars(text) if b["data-task"] == "work"]
+        self.assertEqual((band["class"], band["data-elements"]), ("bar agg", "10000"))
+        self.assertIn("<b>OUT_OF_MEMORY</b>: 250", text)
+        self.assertIn("… and 50 more", text)
+        print(f"\n  10,000-element report: {size / 1024:.0f} KiB", file=sys.stderr)
+
+    def test_report_escapes_hostile_names(self) -> None:
+        path = self.tmp / "hostile.db"
+        evil = "<script>alert(1)</script>"
+        with reflow.SqliteStore(path) as store:
+            store.insert_run("evil-1", evil, evil, {"run_dir": str(self.tmp), evil: evil})
+            store.insert_task_specs("evil-1", [{"task_name": evil, "is_array": True, "config": {}, "position": 0}])
+            store.insert_task_instances("evil-1", evil, [{"array_index": 0, "state": "FAILED", "input": {},
+                                                          "error_text": evil, "reason": evil, "job_id": evil}])
+            text = reflow.write_report(store, "evil-1", self.tmp / "evil.html").read_text()
+        self.assertNotIn("<script", text)
+        self.assertIn("&lt;script&gt;alert(1)&lt;/script&gt;", text)
+
+    def test_event_history_records_what_the_report_needs(self) -> None:
+        with reflow.SqliteStore(self.tmp / "events.db") as store:
+            store.insert_run("e-1", "wf", "ann", {"run_dir": str(self.tmp)})
+            store.insert_task_specs("e-1", [{"task_name": "t", "is_array": True, "position": 0}])
+            store.insert_task_instances("e-1", "t", [{"array_index": i, "state": "PENDING", "input": {}}
+                                                     for i in range(2)])
+            first, second = [row.id for row in store.instance_rows("e-1")]
+            store.mark_submitted([(first, "9_0"), (second, "9_1")])
+            store.mark_running([(first, 0, "2026-01-01T00:00:01+00:00")])
+            store.apply_results([{"instance_id": first, "attempt": 0, "state": "FAILED", "exit_code": 137,
+                                  "finished_at": "2026-01-01T00:00:05+00:00", "error_text": "killed"}])
+            store.set_reasons([(first, "OUT_OF_MEMORY")])
+            store.retry_instances([first])
+            store.cancel_instances([second])
+            events = [(e["instance_id"], e["event"], e["state"], e["attempt"], e["job_id"], e["exit_code"],
+                       e["reason"]) for e in store.list_events("e-1") if e["instance_id"]]
+            times = {e["event"]: e["at"] for e in store.list_events("e-1") if e["instance_id"] == first}
+        self.assertEqual(events, [
+            (first, "created", "PENDING", 0, None, None, ""), (second, "created", "PENDING", 0, None, None, ""),
+            (first, "submitted", "SUBMITTED", 0, "9_0", None, ""),
+            (second, "submitted", "SUBMITTED", 0, "9_1", None, ""),
+            (first, "running", "RUNNING", 0, "9_0", None, ""), (first, "failed", "FAILED", 0, "9_0", 137, "exit 137"),
+            (first, "reason", "FAILED", 0, "9_0", 137, "OUT_OF_MEMORY"),
+            (first, "retrying", "RETRYING", 1, None, None, ""), (second, "cancelled", "CANCELLED", 0, "9_1", None,
+                                                                 "CANCELLED")])
+        self.assertEqual((times["running"], times["failed"]), ("2026-01-01T00:00:01+00:00",
+                                                               "2026-01-01T00:00:05+00:00"))
+
+    # -- bad input -------------------------------------------------------------------
+
+    def test_bad_run_or_store_is_one_line_and_leaves_the_store_alone(self) -> None:
+        old = self.tmp / "old.db"
+        with contextlib.closing(sqlite3.connect(old)) as conn:
+            conn.executescript(_REFERENCE_V1_DDL)
+            conn.execute("PRAGMA user_version = 1")
+        corrupt = self.tmp / "corrupt.db"
+        corrupt.write_bytes(bytes(random_bytes(4096)))
+        near = self.runs["cached"][:-1] + ("x" if self.runs["cached"][-1] != "x" else "y")
+        stores = {"unknown run": (self.store_path, f"no run '{near}'.*Did you mean '{self.runs['cached']}'"),
+                  "missing store": (self.tmp / "absent.db", "does not exist"),
+                  "corrupt store": (corrupt, "not a readable sqlite database"),
+                  "old schema": (old, "schema version 1")}
+        commands = [("status", near), ("status", near, "--watch"), ("logs", near, "--failed"), ("dag", near),
+                    ("report", near, "-o", self.tmp / "never.html"), ("cancel", near), ("retry", near), ("runs",)]
+        for case, (store, message) in stores.items():
+            before = store.read_bytes() if store.exists() else None
+            for argv in commands:
+                if argv == ("runs",) and case == "unknown run":
+                    continue
+                with self.subTest(case=case, command=argv[0]):
+                    proc = run_cli(HERE / "reflow.py", *argv, "--store-path", store)
+                    self.assertNotEqual(proc.returncode, 0)
+                    self.assertEqual(len(proc.stderr.splitlines()), 1, proc.stderr)
+                    self.assertRegex(proc.stderr, message)
+                    self.assertEqual(store.read_bytes() if store.exists() else None, before)
+        self.assertFalse((self.tmp / "never.html").exists())
+        proc = self.cli("logs", self.runs["cached"], "sqare[3]")
+        self.assertEqual(proc.returncode, 1)
+        self.assertTrue(proc.stderr.strip().endswith("has no task 'sqare'. Did you mean 'square'?"), proc.stderr)
+        proc = self.cli("logs", self.runs["cached"], "square[x]")
+        self.assertEqual(proc.returncode, 2)
+
+
+def check_operating_commands(test: unittest.TestCase, run: "reflow.Run", error: str = "") -> None:
+    """Check ``logs --failed`` and ``report`` of a failed run against its store (any backend).
+
+    Every failed element appears under its recorded reason with its job id, and the
+    report names the same reasons and draws a bar for every element; ``error`` must
+    show in the element's stderr or error tail.
+    """
+    store = ["--store-path", run.store.path]
+    failed = run.store.list_task_instances(run.run_id, states=["FAILED"])
+    test.assertTrue(failed)
+    proc = run_cli(HERE / "reflow.py", "logs", run.run_id, "--failed", "--json", *store)
+    test.assertEqual(proc.returncode, 0, proc.stderr)
+    entries = json.loads(proc.stdout)
+    test.assertEqual([(e["task"], e["index"], e["job_id"], e["reason"]) for e in entries],
+                     [(i["task_name"], i["array_index"], i["job_id"], i["reason"]) for i in failed])
+    if error:
+        test.assertIn(error, "\n".join(entries[0]["stderr_tail"] + entries[0]["error_tail"]))
+    text = run_cli(HERE / "reflow.py", "logs", run.run_id, "--failed", *store).stdout
+    for inst in failed:
+        test.assertIn(f"{inst['reason'] or 'unknown reason'}: ", text)
+    page = Path(run.run_dir) / "report.html"
+    proc = run_cli(HERE / "reflow.py", "report", run.run_id, "-o", page, *store)
+    test.assertEqual(proc.returncode, 0, proc.stderr)
+    html_text = page.read_text()
+    for inst in failed:
+        test.assertIn(html.escape(inst["reason"] or "unknown"), html_text)
+    bars = {(b["data-task"], b.get("data-index", "")) for b in _report_bars(html_text)}
+    test.assertEqual(bars, {(i["task_name"], "" if i["array_index"] is None else str(i["array_index"]))
+                            for i in run.store.list_task_instances(run.run_id)})
+
+
+def _wait_for_marks(directory: Path, names: List[str], timeout: float = 60) -> None:
+    """Wait until every element named has left its mark (it is running)."""
+    deadline = time.monotonic() + timeout
+    while not all((directory / name).exists() for name in names):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"elements {names} never started; marks: {sorted(os.listdir(directory))}")
+        time.sleep(0.1)
+
+
+def random_bytes(count: int) -> bytes:
+    """Return ``count`` bytes that are not an sqlite header."""
+    return b"not a database " + os.urandom(count)
+
+
+def _report_bars(text: str) -> List[Dict[str, str]]:
+    """Return the attributes of the timeline bars (``class="bar ..."``) of a report or DOM dump."""
+    class Bars(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.found: List[Dict[str, str]] = []
+
+        def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
+            values = {key: value or "" for key, value in attrs}
+            if tag == "rect" and values.get("class", "").split()[:1] == ["bar"]:
+                self.found.append(values)
+
+    parser = Bars()
+    parser.feed(text)
+    return parser.found
+
+
+def _chromium(browser: str, profile: Path, page: Path, *options: str) -> Tuple[str, str]:
+    """Load ``page`` in headless chromium without network; return (stdout, stderr)."""
+    argv = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *options, page.as_uri()]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise AssertionError(f"chromium exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout, proc.stderr
+
+
+def _wide_run(store: "reflow.SqliteStore", run_id: str, width: int) -> None:
+    """Record a run with a ``width``-element array through the dispatcher's bulk calls (every 40th OOM)."""
+    store.insert_run(run_id, "wide", "ann", {"run_dir": "/nonexistent", "n": width})
+    store.insert_task_specs(run_id, [{"task_name": "seed", "position": 0},
+                                     {"task_name": "work", "is_array": True, "position": 1, "dependencies": ["seed"]}])
+    store.insert_task_instances(run_id, "seed", [{"array_index": None, "state": "SUCCESS", "input": {}, "output": 1}])
+    store.insert_task_instances(run_id, "work", [{"array_index": i, "state": "PENDING", "input": {"x": i}}
+                                                 for i in range(width)])
+    rows = store.instance_rows(run_id, task_name="work")
+    store.mark_submitted([(row.id, f"77_{row.array_index}") for row in rows])
+    store.mark_running([(row.id, 0, None) for row in rows])
+    store.apply_results([{"instance_id": row.id, "attempt": 0, "output": row.array_index,
+                          "state": "FAILED" if row.array_index % 40 == 0 else "SUCCESS",
+                          "exit_code": 137 if row.array_index % 40 == 0 else 0,
+                          "reason": "OUT_OF_MEMORY" if row.array_index % 40 == 0 else ""} for row in rows])
+    store.update_run_status(run_id, "FAILED")
 
 
 def main() -> int:
