@@ -84,6 +84,7 @@ import importlib
 import importlib.machinery
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -1604,7 +1605,7 @@ class Flow:
     """
 
     def __init__(self, name: str) -> None:
-        if not isinstance(name, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise ValueError(f"invalid workflow/flow name {name!r}: use letters, digits, '_', '-', '.'")
         self.name = name
         self.tasks: Dict[str, TaskSpec] = {}
@@ -1667,7 +1668,15 @@ class Flow:
         return TaskSpec(name, func, config, signature, deps, return_type, verify, hints)
 
     def _add(self, spec: TaskSpec) -> None:
-        """Register a spec; a duplicate name is a ValueError."""
+        """Register a spec; an unsafe or duplicate name is a ValueError.
+
+        Task names become file and job names, so they are words: letters
+        (any script), digits, ``_``, ``-`` and ``.``, not starting with
+        ``-`` or ``.``.
+        """
+        if not re.fullmatch(r"\w[\w.-]*", spec.name):
+            raise ValueError(f"invalid task name {spec.name!r}: use letters, digits, '_', '-', '.' "
+                             "(it names files and batch jobs)")
         if spec.name in self.tasks:
             raise ValueError(f"duplicate task name {spec.name!r} in {self.name!r}")
         self.tasks[spec.name] = spec
@@ -2544,6 +2553,52 @@ def _sqlite_busy(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
+#: Values of ``REFLOW_SQLITE_LOCKING`` and the SQLite VFS each selects (None: the default fcntl locks).
+_SQLITE_LOCKING = {"posix": None, "dotfile": "unix-dotfile"}
+
+
+def _sqlite_vfs(path: Path) -> Optional[str]:
+    """Return the SQLite VFS ``REFLOW_SQLITE_LOCKING`` asks for; StoreError for an unknown value.
+
+    ``dotfile`` locks with a ``<store>.lock`` entry created atomically,
+    which works on NFS mounts whose fcntl locks fail (no lock daemon).
+    Every process using the store must then use it (see the README).
+    """
+    chosen = (os.environ.get("REFLOW_SQLITE_LOCKING") or "posix").strip().lower()
+    if chosen not in _SQLITE_LOCKING:
+        raise StoreError(f"store {path}: unknown REFLOW_SQLITE_LOCKING {chosen!r} (use posix or dotfile)."
+                         + _suggest(chosen, _SQLITE_LOCKING))
+    return _SQLITE_LOCKING[chosen]
+
+
+def _lock_hint(exc: BaseException) -> str:
+    """Return advice for sqlite errors that mean the filesystem's locks do not work, else ''."""
+    text = str(exc).lower()
+    if "locking protocol" in text or "disk i/o error" in text:
+        return ("; if the store is on NFS without working locks, set REFLOW_SQLITE_LOCKING=dotfile "
+                "or move it to a local disk (README: Stores on NFS)")
+    return ""
+
+
+#: Statements traced in this process by the ``statement:N`` fault-injection hook (all connections).
+_STATEMENTS_SEEN = itertools.count(1)
+
+
+def _statement_crasher() -> Callable[[str], None]:
+    """Return a sqlite trace callback that dies at statement N for ``REFLOW_TEST_CRASH=statement:N[@FILE]``.
+
+    A fault-injection hook (power loss between any two statements); it is
+    installed only when that variable is set.
+    """
+    point = os.environ.get("REFLOW_TEST_CRASH", "").partition("@")[0]
+    target = int(point.split(":", 1)[1])
+
+    def trace(sql: str) -> None:
+        if next(_STATEMENTS_SEEN) == target:
+            _crash_point(point)
+    return trace
+
+
 def _sqlite_backoff(attempt: int) -> None:
     """Sleep before retry ``attempt`` (0-based): 50 ms doubling, with jitter so writers spread out."""
     base = 0.05 * (2 ** attempt)
@@ -2658,6 +2713,7 @@ class SqliteStore(Store):
         self.path = Path(path).expanduser()
         self.readonly = bool(readonly)
         self._journal = self._choose_journal(journal_mode, config)
+        self._vfs = _sqlite_vfs(self.path)
         self._conn: Optional[sqlite3.Connection] = None
         self._pid = 0
         self._depth = 0
@@ -2733,7 +2789,7 @@ class SqliteStore(Store):
                 return self._open_once()
             except sqlite3.Error as exc:
                 if not _sqlite_busy(exc) or attempt == _SQLITE_RETRIES:
-                    raise self._error(f"cannot open: {exc}") from exc
+                    raise self._error(f"cannot open: {exc}{_lock_hint(exc)}") from exc
                 _sqlite_backoff(attempt)
         raise AssertionError("unreachable")
 
@@ -2774,15 +2830,22 @@ class SqliteStore(Store):
             os.close(fd)
 
     def _connect(self) -> sqlite3.Connection:
-        """Open the sqlite connection (autocommit; explicit BEGIN IMMEDIATE for writes)."""
-        if self.readonly:
-            # A URI so mode=ro applies; never immutable=1, which would ignore other writers.
-            target = Path(os.path.abspath(self.path)).as_uri() + "?mode=ro"
+        """Open the sqlite connection (autocommit; explicit BEGIN IMMEDIATE for writes).
+
+        Read-only stores use a URI with ``mode=ro`` (never ``immutable=1``,
+        which would ignore other writers); ``REFLOW_SQLITE_LOCKING=dotfile``
+        adds ``vfs=unix-dotfile`` (see :func:`_sqlite_vfs`).
+        """
+        options = (["mode=ro"] if self.readonly else []) + ([f"vfs={self._vfs}"] if self._vfs else [])
+        if options:
+            target = Path(os.path.abspath(self.path)).as_uri() + "?" + "&".join(options)
             conn = sqlite3.connect(target, uri=True, isolation_level=None, check_same_thread=False)
         else:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_MS)}")
         conn.execute("PRAGMA temp_store = MEMORY")
+        if not self.readonly and os.environ.get("REFLOW_TEST_CRASH", "").startswith("statement:"):
+            conn.set_trace_callback(_statement_crasher())
         return conn
 
     def _check_and_upgrade(self, conn: sqlite3.Connection) -> None:
@@ -2916,7 +2979,7 @@ class SqliteStore(Store):
         try:
             self._retrying(conn, f"SAVEPOINT {savepoint}" if nested else "BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise self._error(f"cannot start a transaction: {exc}") from exc
+            raise self._error(f"cannot start a transaction: {exc}{_lock_hint(exc)}") from exc
         self._depth += 1
         try:
             yield
@@ -3809,8 +3872,9 @@ class Executor(abc.ABC):
 # Executors: machinery shared by the batch schedulers
 # =============================================================================
 
-#: Environment variables tuning how scheduler commands are retried.
+#: Environment variables tuning how scheduler commands are retried, and how long one may take.
 SCHED_RETRIES_ENV, SCHED_BACKOFF_ENV = "REFLOW_SCHED_RETRIES", "REFLOW_SCHED_BACKOFF"
+SCHED_TIMEOUT_ENV = "REFLOW_SCHED_TIMEOUT"
 #: Shell variable holding a newline inside job scripts (see ``_sh_word``).
 _NL_VAR = "__reflow_nl"
 _NL_SETUP = f'{_NL_VAR}="$(printf \'\\n_\')"; {_NL_VAR}="${{{_NL_VAR}%_}}"'
@@ -3827,6 +3891,14 @@ def _sched_retries() -> int:
     """Return how often a transient scheduler failure is retried (``REFLOW_SCHED_RETRIES``, 5)."""
     text = os.environ.get(SCHED_RETRIES_ENV, "").strip()
     return int(text) if text.isdigit() else 5
+
+
+def _sched_timeout() -> float:
+    """Return how long one scheduler command may take before it counts as a (transient) timeout (60 s)."""
+    try:
+        return max(0.1, float(os.environ.get(SCHED_TIMEOUT_ENV, "") or 60.0))
+    except ValueError:
+        return 60.0
 
 
 def _sched_backoff() -> float:
@@ -3983,7 +4055,7 @@ class _BatchExecutor(Executor):
              env: Optional[Mapping[str, str]] = None) -> CommandResult:
         """Run a scheduler command with transient-error retries."""
         return run_cmd(argv, check=check, input=input, env=env, retries=_sched_retries(),
-                       backoff=_sched_backoff(), transient=self._transient)
+                       backoff=_sched_backoff(), transient=self._transient, timeout=_sched_timeout())
 
     def _dry_run(self, argv: Sequence[str]) -> str:
         """Log what would be submitted and return ``DRYRUN``."""
@@ -5950,6 +6022,19 @@ def _read_result_file(path: Path) -> Optional[Dict[str, Any]]:
     return record
 
 
+def _record_matches(record: Mapping[str, Any], name: str, owners: Mapping[int, Tuple[str, Optional[int]]]) -> bool:
+    """Tell whether a result record belongs where it lies: its file name and an instance of this run.
+
+    ``owners`` maps the run's instance ids to (task, index); a record copied
+    from another run or renamed would otherwise update the wrong instance.
+    """
+    task, index, attempt = _parse_result_name(name)
+    instance_id = record["instance_id"]
+    return (task is not None and type(instance_id) is int and owners.get(instance_id) == (task, index)
+            and record["attempt"] == attempt and record.get("task_name", task) == task
+            and record.get("array_index", index) == index)
+
+
 _RESULT_NAME_RE = re.compile(r"^(?P<task>.+)__(?P<index>singleton|\d+)__(?P<attempt>\d+)\.(?:json|started)$")
 
 
@@ -6008,6 +6093,7 @@ def start_dispatch_job(store: "Store", run_id: str, *, verify: bool = False, exe
     )
     command = _job_command(params, "dispatch", run_id, *(["--verify"] if verify else []))
     job_id = executor.submit(resources, command)
+    _crash_point("dispatch-submitted")
     store.set_dispatch_job(run_id, job_id)
     return job_id
 
@@ -6667,12 +6753,30 @@ def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[s
                    "error_text": resolved["error"], "reason": UPSTREAM_FAILED}
     else:
         outcome = _resolved_outcome(spec, params, resolved)
-    record = dict(base, finished_at=_utcnow(), **outcome)
-    _atomic_write(results / f"{stem}.json", json.dumps(record, separators=(",", ":")))
+    record = _write_result(results / f"{stem}.json", dict(base, finished_at=_utcnow(), **outcome))
     if record["state"] != TaskState.SUCCESS.value:
         print(record["error_text"], file=sys.stderr)
         return 1
     return 0
+
+
+def _write_result(path: Path, record: Dict[str, Any]) -> Dict[str, Any]:
+    """Write a result file; return what was written.
+
+    When the full record cannot be written (disk full, quota, file-size
+    limit), a short FAILED record naming the error takes its place, so the
+    instance fails with the reason instead of looking lost.
+    """
+    try:
+        _atomic_write(path, json.dumps(record, separators=(",", ":")))
+        return record
+    except OSError as exc:
+        kept = {key: record[key] for key in ("instance_id", "attempt", "task_name", "array_index", "job_id",
+                                             "started_at", "finished_at")}
+        failure = dict(kept, state=TaskState.FAILED.value, output=None, output_hash="", reason="RESULT_NOT_WRITTEN",
+                       error_text=f"could not write the result file {path.name}: {exc.strerror or exc}")
+        _atomic_write(path, json.dumps(failure))
+        return failure
 
 
 def _resolved_outcome(spec: TaskSpec, params: Mapping[str, Any], resolved: Dict[str, Any]) -> Dict[str, Any]:
@@ -6717,26 +6821,76 @@ def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Di
 # =============================================================================
 
 
+#: flock errors that mean "held by someone else"; any other error means the filesystem cannot lock.
+_LOCK_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+#: Age after which a lock directory counts as left by a dead dispatcher (a cycle takes far less).
+_STALE_LOCK_SECONDS = 900.0
+
+
 @contextlib.contextmanager
 def _run_lock(run_dir: Union[str, Path], run_id: str, timeout: float = 300.0) -> Iterator[bool]:
-    """Hold the run's dispatcher lock (``flock``); yield False if it stayed busy for ``timeout``."""
+    """Hold the run's dispatcher lock; yield False if it stayed busy for ``timeout``.
+
+    The lock is a ``flock``; on a filesystem without working locks (NFS
+    without a lock daemon: ENOLCK) it falls back to a lock directory.
+    """
     lock_dir = _private_dir(Path(run_dir) / ".reflow")
     fd = os.open(lock_dir / f"dispatch-{run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    yield False
-                    return
-                time.sleep(0.1)
-        yield True
+        locked = _flock_until(fd, deadline)
+        if locked is None:
+            log.warning("cannot flock in %s; using a lock directory instead", lock_dir)
+            with _dir_lock(lock_dir / f"dispatch-{run_id}.lockdir", deadline, _STALE_LOCK_SECONDS) as locked:
+                yield locked
+        else:
+            yield locked
     finally:
         os.close(fd)
+
+
+def _flock_until(fd: int, deadline: float) -> Optional[bool]:
+    """Take an exclusive flock on ``fd``: True, False when still busy at ``deadline``, None if unsupported."""
+    while fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in _LOCK_BUSY:
+                log.debug("flock failed: %s", exc)
+                return None
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@contextlib.contextmanager
+def _dir_lock(path: Path, deadline: float, stale_after: float) -> Iterator[bool]:
+    """Hold a lock made by creating directory ``path`` (atomic on NFS); yield False on timeout.
+
+    A lock directory older than ``stale_after`` seconds was left by a
+    dispatcher that died (a cycle is much shorter) and is taken over.
+    """
+    while True:
+        try:
+            os.mkdir(path, 0o700)
+            break
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if time.time() - path.stat().st_mtime > stale_after:
+                    log.warning("taking over the stale lock %s", path)
+                    os.rmdir(path)
+                    continue
+            if time.monotonic() > deadline:
+                yield False
+                return
+            time.sleep(0.1)
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
 
 
 class _Dispatcher:
@@ -6797,6 +6951,8 @@ class _Dispatcher:
         if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
             self._delete(files)
             return {"ingested": ingested, "lost": lost, "submitted": 0}
+        if self.found is not None:
+            self._adopt_pending()
         with self.store.transaction():
             batches = self._plan()
         submitted = self._submit(batches)
@@ -6820,9 +6976,10 @@ class _Dispatcher:
     def _ingest(self, files: List[Path]) -> int:
         """Apply start markers and results to the store; return how many results applied."""
         started, results, broken = [], [], []
+        owners = {row[0]: (row[1], row[2]) for row in self.store.instance_rows(self.run_id)} if files else {}
         for path in files:
             record = _read_result_file(path)
-            if record is None:
+            if record is None or not _record_matches(record, path.name, owners):
                 broken.append(path)
             elif path.suffix == ".started":
                 started.append((record["instance_id"], record["attempt"], record.get("started_at")))
@@ -7035,6 +7192,7 @@ class _Dispatcher:
                 self.store.fail_instances([r[0] for r in rows], f"Submission rejected for task {spec.name!r}: {exc}",
                                           "SUBMIT_FAILED")
                 continue
+            _crash_point("submitted-unrecorded")
             self.store.mark_submitted(pairs)
             self.submitted.extend(job_id for _, job_id in pairs)
             total += len(pairs)
@@ -7112,12 +7270,38 @@ class _Dispatcher:
         logs = self.run_dir / "logs"
         suffix = "{job_id}_{array_index}" if array else "{job_id}"
         return JobResources(
-            job_name=f"{self.wf.name}-{spec.name}-{self.run_tag}-a{first[2]}-{'s' if first[1] is None else first[1]}",
+            job_name=self._job_name(spec, first[1], first[2]),
             cpus=spec.config.cpus, time_limit=spec.config.time,
             mem=spec.config.mem, output_path=str(logs / f"{spec.name}-{suffix}.out"),
             error_path=str(logs / f"{spec.name}-{suffix}.err"), submit_options=options, workdir=str(self.run_dir),
             gpus=int(options.pop("gpus", 0) or 0),
         )
+
+    def _job_name(self, spec: TaskSpec, index: Optional[int], attempt: int) -> str:
+        """Return the name of the job whose wave starts at ``index`` (see :meth:`_resources`)."""
+        return f"{self.wf.name}-{spec.name}-{self.run_tag}-a{attempt}-{'s' if index is None else index}"
+
+    def _adopt_pending(self) -> None:
+        """Record live jobs that a dead cycle submitted for PENDING instances but never recorded.
+
+        The planner re-plans (and so adopts) only tasks that are ready; a
+        task submitted ahead of its upstream (forward submission) is not, so
+        its twin is looked up here, by the name of each wave.
+        """
+        pairs: List[Tuple[int, str]] = []
+        for spec in self.wf.tasks.values():
+            rows = sorted(self.store.instance_rows(self.run_id, states=["PENDING"], task_name=spec.name),
+                          key=lambda row: -1 if row[2] is None else row[2])
+            array = spec.is_array and bool(rows) and rows[0][2] is not None
+            size = max(1, self.executor.max_array_size) if array else 1
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
+                ids = self._adoptable(self._job_name(spec, chunk[0][2], chunk[0][5]), len(chunk) if array else None)
+                pairs.extend(zip([row[0] for row in chunk], ids or []))
+        if pairs:
+            log.warning("adopting %d instance(s) submitted before a dispatcher crash", len(pairs))
+            self.store.mark_submitted(pairs)
+            self.submitted.extend(job_id for _, job_id in pairs)
 
     # ---------------------------------------------- forward submission
 
@@ -7214,6 +7398,7 @@ class _Dispatcher:
             self.store.fail_instances([row[0] for row in todo], f"Submission rejected for task {spec.name!r}: {exc}",
                                       "SUBMIT_FAILED")
             return []
+        _crash_point("forward-unrecorded")
         self.store.mark_submitted(pairs)
         self.submitted.extend(job_id for _, job_id in pairs)
         return [job_id for _, job_id in pairs]
@@ -7235,8 +7420,13 @@ class _Dispatcher:
             return
         after = sorted(set(self.live_jobs) | set(self.submitted))
         delay = 0 if after else max(1, int(self.grace) if self.waiting_for_grace else 2)
-        start_dispatch_job(self.store, self.run_id, verify=self.verify, executor=self.executor,
-                           config=self.wf.config, after=after, delay=delay)
+        try:
+            start_dispatch_job(self.store, self.run_id, verify=self.verify, executor=self.executor,
+                               config=self.wf.config, after=after, delay=delay)
+        except ExecutorError as exc:  # nothing would ever run the next cycle: fail loudly, never hang
+            self.store.update_run_status(self.run_id, RunState.FAILED.value)
+            raise ExecutorError(f"run {self.run_id} marked FAILED: cannot submit its next dispatch cycle ({exc}); "
+                                f"'retry {self.run_id}' resumes it once the scheduler answers") from None
 
 
 def _satisfied(spec_row: Mapping[str, Any], counts: Mapping[str, int]) -> bool:
@@ -7265,6 +7455,8 @@ def _crash_point(name: str) -> None:
     """Die here like ``kill -9`` when ``REFLOW_TEST_CRASH`` names this point (fault-injection tests).
 
     ``point@FILE`` dies only once: the first process to get there creates FILE.
+    ``statement:N`` is a point too: the Nth SQL statement a process sends to
+    a writable store (see :func:`_statement_crasher`).
     """
     point, _, once = os.environ.get("REFLOW_TEST_CRASH", "").partition("@")
     if point != name:
@@ -7650,8 +7842,31 @@ class Workflow(Flow):
         return _cli_main(args, self)
 
 
+#: Largest JSON size of one run parameter: it is stored, hashed and sent with every job (pass a Path instead).
+_MAX_PARAMETER_BYTES = 1 << 20
+
+
+def _check_storable(name: str, value: Any) -> None:
+    """Raise ParameterError for text that is not UTF-8 (undecodable argv bytes) or a parameter over 1 MiB."""
+    for text in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(text[exc.start]) & 0xFF
+                raise ParameterError(f"parameter {name!r} is not valid UTF-8 text "
+                                     f"(byte 0x{byte:02x} at position {exc.start})") from None
+    size = 0
+    with contextlib.suppress(TypeError, ValueError):  # types the codec rejects fail later, with their own message
+        size = len(_json_dumps(value))
+    if size > _MAX_PARAMETER_BYTES:
+        raise ParameterError(f"parameter {name!r} is {size} bytes; the limit is {_MAX_PARAMETER_BYTES} "
+                             "(put large data in a file and pass its path)")
+
+
 def _check_type(param: CliParam, value: Any) -> Any:
     """Return ``value`` if it fits the parameter's declared type, else raise ParameterError."""
+    _check_storable(param.name, value)
     expected = param.type
     if param.choices is not None and value not in param.choices:
         raise ParameterError(f"parameter {param.name!r}: {value!r} is not one of {param.choices}")

@@ -11,13 +11,17 @@ import dataclasses
 import datetime
 import decimal
 import enum
+import errno
+import functools
 import html
 import html.parser
 import importlib
 import importlib.util
 import inspect
 import io
+import itertools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -33,10 +37,12 @@ import tempfile
 import textwrap
 import threading
 import time
+import traceback
 import unittest
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Optional, Tuple
+from unittest import mock
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -2857,7 +2863,7 @@ class TestFormats(unittest.TestCase):
 # =============================================================================
 
 _FAKE = r'''#!{python}
-import json, os, sys
+import json, os, sys, time
 d = os.environ["REFLOW_FAKE_DIR"]
 name = os.path.basename(sys.argv[0])
 sub = sys.argv[1] if len(sys.argv) > 1 else ""
@@ -2872,6 +2878,7 @@ for stem in (name + "-" + sub, name):
         n = int(open(counter).read()) if os.path.exists(counter) else 0
         open(counter, "w").write(str(n + 1))
         answer = answers[min(n, len(answers) - 1)]
+        time.sleep(answer.get("sleep", 0))
         sys.stdout.write(answer.get("stdout", ""))
         sys.stderr.write(answer.get("stderr", ""))
         sys.exit(answer.get("rc", 0))
@@ -5084,6 +5091,1135 @@ def _wide_run(store: "reflow.SqliteStore", run_id: str, width: int) -> None:
     store.update_run_status(run_id, "FAILED")
 
 
+# =============================================================================
+# Reliability and security (issue 5)
+# =============================================================================
+#
+# Fault injection: each test injects one fault and proves nothing is lost,
+# nothing is done twice and nothing is injected.  Most drive whole runs
+# through _SpoolScheduler, a scheduler whose queue is a directory of job files
+# (shared by every process, so a killed process loses nothing the scheduler
+# knew); its jobs are run by calling the worker and dispatcher entry points
+# directly: fast, deterministic, no sleeps.  _FaultFigures counts faults,
+# recoveries, lost elements, double submissions and bad inputs; main() prints them.
+
+
+class _SpoolScheduler(reflow.Executor):
+    """A scheduler whose queue is a directory: ``<n>.job`` (JSON) and ``<n>.done`` (final state)."""
+
+    name = "spool"
+
+    def __init__(self, spool: Path) -> None:
+        super().__init__()
+        self.spool = spool
+        spool.mkdir(parents=True, exist_ok=True)
+
+    def submit(self, resources: JobResources, command) -> str:
+        record = json.dumps({"name": resources.job_name, "command": list(command), "array": resources.array})
+        number = len(list(self.spool.glob("*.job")))
+        while True:
+            number += 1
+            try:
+                fd = os.open(self.spool / f"{number}.job", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            os.write(fd, record.encode())
+            os.close(fd)
+            return str(number)
+
+    def jobs(self) -> Dict[str, dict]:
+        """Return every job ever submitted, oldest first."""
+        paths = sorted(self.spool.glob("*.job"), key=lambda p: int(p.stem))
+        return {p.stem: json.loads(p.read_text()) for p in paths}
+
+    def finish(self, job_id: str, state: str = "COMPLETED") -> None:
+        (self.spool / f"{self.array_id(job_id)}.done").write_text(state)
+
+    def job_state(self, job_id: str) -> Optional[str]:
+        array = self.array_id(job_id)
+        if not (self.spool / f"{array}.job").exists():
+            return None
+        done = self.spool / f"{array}.done"
+        return done.read_text() if done.exists() else "PENDING"
+
+    def cancel(self, job_id: str) -> None:
+        if self.job_state(job_id) == "PENDING":
+            self.finish(job_id, "CANCELLED")
+
+    def array_id(self, job_id: str) -> str:
+        return job_id.split("_", 1)[0]
+
+    def find_jobs(self, name_prefix: str) -> Dict[str, List[str]]:
+        found: Dict[str, List[str]] = {}
+        for job_id, record in self.jobs().items():
+            if record["name"].startswith(name_prefix) and self.job_state(job_id) == "PENDING":
+                found.setdefault(record["name"], []).append(job_id)
+        return found
+
+    def dependency_options(self, job_ids, kind: str = "afterany") -> Dict[str, Any]:
+        return {}  # jobs run in submission order, which honours every dependency the dispatcher asks for
+
+    def pending(self) -> List[Tuple[str, dict]]:
+        return [(job_id, rec) for job_id, rec in self.jobs().items() if self.job_state(job_id) == "PENDING"]
+
+    def task_job_names(self) -> List[str]:
+        """Return the names of every task job submitted (dispatch jobs left out)."""
+        return [rec["name"] for rec in self.jobs().values() if not rec["name"].endswith("-dispatch")]
+
+
+def _job_args(command: List[str]) -> Dict[str, Any]:
+    """Parse ``python entry ROLE --opt value ... [--verify]`` into a dict (``role`` included)."""
+    args: Dict[str, Any] = {"role": command[2]}
+    rest = command[3:]
+    while rest:
+        if rest[0] == "--verify":
+            args["--verify"], rest = True, rest[1:]
+        else:
+            args[rest[0]], rest = rest[1], rest[2:]
+    return args
+
+
+def _job_indices(record: dict, args: Dict[str, Any]) -> List[Optional[int]]:
+    """Return the instance index each element of a worker job runs (None: a singleton)."""
+    if not args.get("--positions"):
+        return [None]
+    first, last = map(int, record["array"].split("%")[0].split("-"))
+    return [reflow._position_index(args["--positions"], offset) for offset in range(last - first + 1)]
+
+
+def _run_job(wf, sched: _SpoolScheduler, record: dict) -> int:
+    """Run one spooled job in this process (a dispatch cycle, or every element of a worker job); return its code."""
+    args = _job_args(record["command"])
+    if args["role"] == "dispatch":
+        with reflow.SqliteStore(args["--store-path"]) as store:
+            wf.dispatch(args["--run-id"], store, args["--run-dir"], executor=sched, verify=bool(args.get("--verify")))
+        return 0
+    return max(reflow.run_worker(wf, args["--run-id"], args["--store-path"], args["--run-dir"], args["--task"],
+                                 index=index) for index in _job_indices(record, args))
+
+
+def _drive(wf, sched: _SpoolScheduler, limit: int = 500) -> None:
+    """Run pending jobs, oldest first, until none is left."""
+    for _ in range(limit):
+        pending = sched.pending()
+        if not pending:
+            return
+        job_id, record = pending[0]
+        with contextlib.redirect_stderr(io.StringIO()):
+            _run_job(wf, sched, record)
+        sched.finish(job_id)
+    raise AssertionError(f"still {len(sched.pending())} pending jobs after {limit}")
+
+
+def _in_child(function, **env: str) -> int:
+    """Run ``function`` in a forked child with ``env`` set; return its exit code (137: a crash point hit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns into unittest
+        code = 1
+        try:
+            os.environ.update(env)
+            with contextlib.redirect_stderr(io.StringIO()):
+                code = function() or 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _integrity(path: Path) -> str:
+    conn = sqlite3.connect(str(path))
+    try:
+        return conn.execute("PRAGMA integrity_check").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _success_events(path: Path, run_id: str) -> Dict[int, int]:
+    """Return {instance id: number of 'success' events} of a run (exactly-once evidence)."""
+    conn = sqlite3.connect(str(path))
+    try:
+        rows = conn.execute("SELECT instance_id, COUNT(*) FROM events WHERE run_id = ? AND event = 'success' "
+                            "GROUP BY instance_id", (run_id,)).fetchall()
+    finally:
+        conn.close()
+    return dict(rows)
+
+
+class _FaultFigures:
+    """Counts behind the issue-5 closing figures (printed by main())."""
+
+    faults = recovered = lost = doubled = bad_inputs = 0
+
+
+class _LogCapture(logging.Handler):
+    """Collect every record of the reflow logger."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.levelname} {record.getMessage()}")
+
+
+class _SpoolRunTest(TempDirTest):
+    """Runs of FANOUT (prepare -> square[] -> total) on a _SpoolScheduler."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.mod = load_flow(self.tmp, FANOUT)
+        self.wf = self.mod.wf
+
+    def submit(self, base: Path, n: int, store_path: Optional[Path] = None) -> Tuple[str, _SpoolScheduler, Path]:
+        store_path = store_path or base / "store" / "manifest.db"
+        sched = _SpoolScheduler(base / "spool")
+        with reflow.SqliteStore(store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            run = self.wf.submit(base / "run", store=store, executor=sched, n=n)
+        return run.run_id, sched, store_path
+
+    def whole_run(self, base: Path, n: int, store_path: Path, sched: _SpoolScheduler) -> None:
+        """Submit a run and work its queue to the end (in a child that a crash point may kill)."""
+        self.submit(base, n, store_path)
+        _drive(self.wf, sched)
+
+    def resume(self, sched: _SpoolScheduler, store_path: Path, run_id: str) -> None:
+        """What a user does after a crash: ``resume`` (one cycle now), then the queue runs."""
+        with reflow.SqliteStore(store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            if store.get_run(run_id)["status"] == "RUNNING":
+                self.wf.dispatch(run_id, store, executor=sched)
+        _drive(self.wf, sched)
+
+    def assertCompleted(self, store_path: Path, run_id: str, sched: _SpoolScheduler, n: int) -> None:
+        """The run succeeded, every element once, no task job submitted twice."""
+        self.assertEqual(_integrity(store_path), "ok")
+        with reflow.SqliteStore(store_path) as store:
+            status = reflow.run_status(store, run_id)
+            self.assertEqual(status["run"]["status"], "SUCCESS", status["failed_instances"])
+            self.assertEqual(store.get_array_outputs(run_id, "square"), [i * i for i in range(n)])
+            self.assertEqual(store.get_singleton_output(run_id, "total"), sum(i * i for i in range(n)))
+            instances = store.list_task_instances(run_id)
+        events = _success_events(store_path, run_id)
+        lost = n + 2 - len(instances)
+        doubled = sum(1 for count in events.values() if count > 1)
+        names = sched.task_job_names()
+        doubled += len(names) - len(set(names))
+        _FaultFigures.lost += max(0, lost)
+        _FaultFigures.doubled += doubled
+        self.assertEqual(lost, 0)
+        self.assertEqual(sorted(events), sorted(i["id"] for i in instances if not i["cached"]))  # cache hits: no run
+        self.assertEqual(doubled, 0, (events, names))
+
+
+class FaultInjectionTest(_SpoolRunTest):
+    """Faults 1-4 and 6: simultaneous completion, killed workers and dispatchers, racing processes, bad results."""
+
+    def _until_square_submitted(self, sched: _SpoolScheduler) -> Tuple[str, dict]:
+        """Run the queue until the square array is queued; return its job."""
+        for _ in range(10):
+            squares = [(j, r) for j, r in sched.pending() if "-square-" in r["name"]]
+            if squares:
+                return squares[0]
+            job_id, record = sched.pending()[0]
+            with contextlib.redirect_stderr(io.StringIO()):
+                _run_job(self.wf, sched, record)
+            sched.finish(job_id)
+        self.fail(f"square never submitted: {sched.jobs()}")
+
+    def test_simultaneous_completion_ingested_exactly_once(self) -> None:
+        """64 then 1,000 elements finish at once while two dispatchers ingest: each result applied once."""
+        for width in (64, 1000):
+            with self.subTest(width=width):
+                run_id, sched, store_path = self.submit(self.tmp / f"w{width}", width)
+                job_id, record = self._until_square_submitted(sched)
+                indices = _job_indices(record, _job_args(record["command"]))
+                self.assertEqual(sorted(indices), list(range(width)))
+                capture = _LogCapture()
+                reflow.log.addHandler(capture)
+                reflow.log.setLevel(logging.DEBUG)
+                try:
+                    errors = self._race(run_id, record, indices, store_path, sched)
+                finally:
+                    reflow.log.removeHandler(capture)
+                    reflow.log.setLevel(logging.NOTSET)
+                _FaultFigures.faults += 1
+                self.assertEqual(errors, [])
+                self.assertEqual([m for m in capture.messages if "locked" in m.lower() or "busy" in m.lower()], [])
+                sched.finish(job_id)
+                _drive(self.wf, sched)
+                self.assertCompleted(store_path, run_id, sched, width)
+                with reflow.SqliteStore(store_path) as store:
+                    attempts = {i["attempt"] for i in store.list_task_instances(run_id)}
+                self.assertEqual(attempts, {0})
+                results = reflow._results_dir(self.tmp / f"w{width}" / "run", run_id)
+                self.assertEqual(list(results.iterdir()), [])  # every file ingested, none quarantined
+                self.assertFalse((results.parent / "rejected").exists())
+                _FaultFigures.recovered += 1
+
+    def _race(self, run_id: str, record: dict, indices: List[Optional[int]], store_path: Path,
+              sched: _SpoolScheduler) -> List[str]:
+        """Run every element in 8 threads while 2 dispatchers cycle; return the errors raised."""
+        args = _job_args(record["command"])
+        errors: List[str] = []
+        done = threading.Event()
+
+        def guarded(function, *values):
+            try:
+                function(*values)
+            except BaseException as exc:  # any error fails the test through ``errors``
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        def dispatcher() -> None:
+            with reflow.SqliteStore(store_path) as store:
+                while not done.is_set():
+                    self.wf.dispatch(run_id, store, args["--run-dir"], executor=sched)
+                    time.sleep(0.05)
+
+        def worker(chunk: List[Optional[int]]) -> None:
+            for index in chunk:
+                reflow.run_worker(self.wf, run_id, store_path, args["--run-dir"], "square", index=index)
+
+        dispatchers = [threading.Thread(target=guarded, args=(dispatcher,)) for _ in range(2)]
+        workers = [threading.Thread(target=guarded, args=(worker, indices[k::8])) for k in range(8)]
+        with contextlib.redirect_stderr(io.StringIO()):
+            for thread in dispatchers + workers:
+                thread.start()
+            for thread in workers:
+                thread.join()
+            done.set()
+            for thread in dispatchers:
+                thread.join()
+        return errors
+
+    def test_dispatcher_killed_at_each_step(self) -> None:
+        """kill -9 after ingest, between submit and record (tasks, forward, follow-up dispatcher), after submit."""
+        points = ("after-ingest", "submitted-unrecorded", "after-submit", "forward-unrecorded", "after-forward",
+                  "dispatch-submitted")
+        for point in points:
+            with self.subTest(point=point):
+                base = self.tmp / point
+                once = self.tmp / f"{point}.crashed"
+                store_path = base / "store" / "manifest.db"
+                sched = _SpoolScheduler(base / "spool")
+                whole_run = functools.partial(self.whole_run, base, 4, store_path, sched)
+                self.assertEqual(_in_child(whole_run, REFLOW_TEST_CRASH=f"{point}@{once}"), 137)
+                self.assertTrue(once.exists())
+                _FaultFigures.faults += 1
+                self.assertEqual(_integrity(store_path), "ok")
+                with reflow.SqliteStore(store_path) as store:
+                    run_id = store.list_runs()[0]["run_id"]
+                self.resume(sched, store_path, run_id)
+                self.assertCompleted(store_path, run_id, sched, 4)
+                _FaultFigures.recovered += 1
+
+    def test_racing_dispatchers_and_submits(self) -> None:
+        """Two dispatcher processes of one run at once, and two submits into one store at once."""
+        run_id, sched, store_path = self.submit(self.tmp / "one", 3)
+        gate = self.tmp / "go"
+
+        def dispatch_at_gate() -> None:
+            while not gate.exists():
+                time.sleep(0.005)
+            with reflow.SqliteStore(store_path) as store:
+                self.wf.dispatch(run_id, store, executor=sched)
+
+        job_id, record = sched.pending()[0]
+        _run_job(self.wf, sched, record)  # prepare's result waits; both dispatchers race to ingest it
+        sched.finish(job_id)
+        pids = [self._spawn(dispatch_at_gate) for _ in range(2)]
+        gate.write_text("go")
+        self.assertEqual([self._reap(pid) for pid in pids], [0, 0])
+        _FaultFigures.faults += 1
+        _drive(self.wf, sched)
+        self.assertCompleted(store_path, run_id, sched, 3)
+        _FaultFigures.recovered += 1
+
+        shared = self.tmp / "shared.db"
+        with reflow.SqliteStore(shared) as store:
+            store.init()
+        gate.unlink()
+
+        def submit_at_gate(name: str, n: int) -> None:
+            while not gate.exists():
+                time.sleep(0.005)
+            _, spool, _ = self.submit(self.tmp / name, n, shared)
+            _drive(self.wf, spool)
+
+        widths = {"a": 3, "b": 4}  # different inputs: no cache hit between them
+        pids = [self._spawn(submit_at_gate, name, n) for name, n in widths.items()]
+        gate.write_text("go")
+        self.assertEqual([self._reap(pid) for pid in pids], [0, 0])
+        _FaultFigures.faults += 1
+        with reflow.SqliteStore(shared) as store:
+            runs = store.list_runs()
+        self.assertEqual(len({r["run_id"] for r in runs}), 2)
+        for name, n in widths.items():
+            run = next(r for r in runs if r["parameters"]["run_dir"] == str(self.tmp / name / "run"))
+            self.assertCompleted(shared, run["run_id"], _SpoolScheduler(self.tmp / name / "spool"), n)
+            _FaultFigures.recovered += 1
+
+    @staticmethod
+    def _spawn(function, *values) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child never returns into unittest
+            code = 1
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    function(*values)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        return pid
+
+    @staticmethod
+    def _reap(pid: int) -> int:
+        _, status = os.waitpid(pid, 0)
+        return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+    def test_bad_result_files_never_become_success(self) -> None:
+        """Truncated, corrupt, foreign and renamed results, and one for a cancelled instance: reasons recorded."""
+        base = self.tmp / "bad"
+        run_id, sched, store_path = self.submit(base, 6)
+        self._until_square_submitted(sched)
+        other_id, _, _ = self.submit(self.tmp / "other", 7, store_path)  # its prepare is queued, not cached
+        results = reflow._results_dir(base / "run", run_id)
+        with reflow.SqliteStore(store_path) as store:
+            ids = {i["array_index"]: i["id"] for i in store.list_task_instances(run_id, "square")}
+            foreign_id = store.list_task_instances(other_id, "prepare")[0]["id"]
+            store.cancel_instances([ids[5]], "USER")
+
+        def good(index: int, **changes: Any) -> dict:
+            record = {"instance_id": ids[index], "attempt": 0, "task_name": "square", "array_index": index,
+                      "state": "SUCCESS", "output": 999, "output_hash": "x", "error_text": ""}
+            record.update(changes)
+            return record
+
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "square__0__0.json").write_text(json.dumps(good(0))[:25])                  # truncated
+        (results / "square__1__0.json").write_bytes(b"\xff\xfe\x00garbage")                  # not UTF-8
+        (results / "square__2__0.json").write_text(json.dumps(good(2, instance_id=foreign_id)))  # another run's
+        (results / "square__3__0.json").write_text(json.dumps(good(4)))                      # renamed: says 4
+        (results / "square__5__0.json").write_text(json.dumps(good(5)))                      # cancelled meanwhile
+        (results / "notes.json").write_text("{}")                                            # not ours at all
+        _FaultFigures.faults += 6
+        with reflow.SqliteStore(store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            self.wf.dispatch(run_id, store, executor=sched)
+            square = {i["array_index"]: i for i in store.list_task_instances(run_id, "square")}
+            other = store.list_task_instances(other_id, "prepare")[0]
+        self.assertNotIn("SUCCESS", {square[i]["state"] for i in (0, 1, 2, 3, 4, 5)})
+        for index in (0, 1, 2, 3):
+            self.assertEqual((square[index]["state"], square[index]["reason"]), ("FAILED", "BAD_RESULT"))
+            self.assertIn("malformed", square[index]["error_text"])
+        self.assertEqual(square[5]["state"], "CANCELLED")
+        self.assertEqual(other["state"], "SUBMITTED")  # the foreign record did not leak into the other run
+        rejected = sorted(p.name[len(run_id) + 1:] for p in (results.parent / "rejected").iterdir())
+        self.assertEqual(rejected, ["notes.json", "square__0__0.json", "square__1__0.json", "square__2__0.json",
+                                    "square__3__0.json"])
+        with contextlib.redirect_stdout(io.StringIO()), reflow.SqliteStore(store_path) as store:
+            reflow.retry_run(store, run_id, executor=sched)
+        _drive(self.wf, sched)
+        self.assertCompleted(store_path, run_id, sched, 6)
+        _FaultFigures.recovered += 1
+
+
+class PowerLossTest(_SpoolRunTest):
+    """Fault 9: the machine dies between any two store statements; the store stays sound and the run resumes."""
+
+    STEP = 7  # every 7th statement of a whole run (submit, every cycle, every worker's read)
+
+    def test_killed_between_any_two_statements(self) -> None:
+        crashes = 0
+        for statement in itertools.count(1, self.STEP):
+            base = self.tmp / f"s{statement}"
+            store_path = base / "store" / "manifest.db"
+            sched = _SpoolScheduler(base / "spool")
+            whole_run = functools.partial(self.whole_run, base, 3, store_path, sched)
+            code = _in_child(whole_run, REFLOW_TEST_CRASH=f"statement:{statement}")
+            if code == 0:
+                break  # the run needs fewer statements: every point before this one was tried
+            self.assertEqual(code, 137, f"statement {statement}")
+            crashes += 1
+            _FaultFigures.faults += 1
+            with self.subTest(statement=statement):
+                self.assertEqual(_integrity(store_path), "ok")
+                with reflow.SqliteStore(store_path) as store:
+                    runs = store.list_runs()
+                if runs:
+                    run_id = runs[0]["run_id"]
+                else:  # died before the run was committed: nothing to resume, submit again
+                    run_id, sched, _ = self.submit(base, 3, store_path)
+                self.resume(sched, store_path, run_id)
+                self.assertCompleted(store_path, run_id, sched, 3)
+                _FaultFigures.recovered += 1
+        self.assertGreater(crashes, 10)
+
+    def test_killed_during_schema_migration(self) -> None:
+        """Fault 8 meets 9: a version-1 store whose upgrade dies at any statement is upgraded whole, or not at all."""
+        original = self.tmp / "v1.db"
+        conn = sqlite3.connect(str(original))
+        conn.executescript(_REFERENCE_V1_DDL)
+        conn.execute("PRAGMA user_version = 1")
+        conn.close()
+        for statement in itertools.count(1):
+            path = self.tmp / f"m{statement}" / "manifest.db"
+            path.parent.mkdir()
+            shutil.copyfile(original, path)
+            code = _in_child(lambda path=path: reflow.SqliteStore(path).init(),
+                             REFLOW_TEST_CRASH=f"statement:{statement}")
+            if code == 0:
+                break
+            self.assertEqual(code, 137)
+            _FaultFigures.faults += 1
+            self.assertEqual(_integrity(path), "ok")
+            conn = sqlite3.connect(str(path))
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(task_instances)")}
+            conn.close()
+            self.assertIn((version, "attempt" in columns), [(1, False), (reflow.SCHEMA_VERSION, True)])
+            with reflow.SqliteStore(path) as store:
+                self.assertEqual(store.get_run("old-1")["parameters"], {"n": 3})
+                self.assertEqual(store.get_task_instance("old-1", "prep", None)["output"], [1, 2])
+            _FaultFigures.recovered += 1
+        self.assertGreater(statement, 5)
+
+
+class DiskFullTest(_SpoolRunTest):
+    """Fault 7: the file-size limit (RLIMIT_FSIZE, as a full disk or quota) while writing a result or the store."""
+
+    BIG = """
+        import os, resource
+        from reflow import Workflow
+        wf = Workflow("big")
+
+        @wf.job()
+        def big() -> str:
+            if os.path.exists(os.environ["LIMIT_FLAG"]):
+                resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))
+            return "x" * 100000
+    """
+
+    def test_result_too_big_for_the_disk_then_retry(self) -> None:
+        flag = self.tmp / "limit"
+        flag.write_text("on")
+        mod = load_flow(self.tmp, self.BIG)
+        sched = _SpoolScheduler(self.tmp / "spool")
+        with mock_env(LIMIT_FLAG=str(flag)), reflow.SqliteStore(self.store_path) as store:
+            with contextlib.redirect_stderr(io.StringIO()):
+                run = mod.wf.submit(self.tmp / "run", store=store, executor=sched)
+            job_id, record = sched.pending()[0]
+            self.assertEqual(_in_child(lambda: _run_job(mod.wf, sched, record)), 1)  # the worker reports failure
+            _FaultFigures.faults += 1
+            sched.finish(job_id)
+            _drive(mod.wf, sched)
+            inst = store.get_task_instance(run.run_id, "big", None)
+            self.assertEqual((store.get_run(run.run_id)["status"], inst["state"], inst["reason"]),
+                             ("FAILED", "FAILED", "RESULT_NOT_WRITTEN"))
+            self.assertIn("File too large", inst["error_text"])
+            flag.unlink()  # space is back
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(reflow.retry_run(store, run.run_id, executor=sched), 1)
+            _drive(mod.wf, sched)
+            self.assertEqual(store.get_singleton_output(run.run_id, "big"), "x" * 100000)
+        _FaultFigures.recovered += 1
+
+    def test_store_write_past_the_limit_fails_cleanly(self) -> None:
+        run_id, sched, store_path = self.submit(self.tmp / "r", 3)
+        before = _snapshot(store_path.parent)
+        limit = store_path.stat().st_size + 8192
+
+        def huge_write() -> None:
+            import resource
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            with reflow.SqliteStore(store_path) as store:
+                try:
+                    store.insert_run("huge-run", "big", "me", {"blob": "y" * 400000})
+                except reflow.StoreError as exc:
+                    message = str(exc)
+                    assert "\n" not in message and str(store_path) in message, message
+                    assert "full" in message or "large" in message or "I/O" in message, message
+                    os._exit(3)
+
+        self.assertEqual(_in_child(huge_write), 3)
+        _FaultFigures.faults += 1
+        self.assertEqual(_integrity(store_path), "ok")
+        self.assertEqual(_snapshot(store_path.parent), before)  # the rolled-back write left nothing behind
+        _drive(self.wf, sched)  # space is back: the run goes on
+        self.assertCompleted(store_path, run_id, sched, 3)
+        _FaultFigures.recovered += 1
+
+
+class LockFallbackTest(TempDirTest):
+    """Fault 8: filesystems without working locks (NFS without lockd), and stores of other schema versions."""
+
+    def test_run_lock_falls_back_to_a_lock_directory(self) -> None:
+        def no_locks(fd, operation):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        run_dir = self.tmp / "run"
+        with mock.patch.object(reflow.fcntl, "flock", no_locks):
+            with reflow._run_lock(run_dir, "r1", timeout=0.5) as first:
+                self.assertTrue(first)
+                self.assertTrue((run_dir / ".reflow" / "dispatch-r1.lockdir").is_dir())
+                with reflow._run_lock(run_dir, "r1", timeout=0.3) as second:
+                    self.assertFalse(second)  # held: a second dispatcher leaves the cycle to the first
+            self.assertFalse((run_dir / ".reflow" / "dispatch-r1.lockdir").exists())
+            stale = run_dir / ".reflow" / "dispatch-r1.lockdir"
+            stale.mkdir()
+            os.utime(stale, (time.time() - 3600, time.time() - 3600))  # left by a dispatcher that died
+            with reflow._run_lock(run_dir, "r1", timeout=60) as taken:
+                self.assertTrue(taken)
+        _FaultFigures.faults += 1
+        _FaultFigures.recovered += 1
+
+    def test_dotfile_locking_for_nfs(self) -> None:
+        with mock_env(REFLOW_SQLITE_LOCKING="dotfile"):
+            store = reflow.SqliteStore(self.store_path)
+            store.init()
+            with store.transaction():
+                store.insert_run("r1", "wf", "me", {})
+                self.assertTrue(Path(f"{self.store_path}.lock").exists())  # the lock is a file, not fcntl
+            self.assertFalse(Path(f"{self.store_path}.lock").exists())
+            other = reflow.SqliteStore(self.store_path, readonly=True)
+            self.assertEqual(other.get_run("r1")["graph_name"], "wf")
+            other.close()
+            store.close()
+        with mock_env(REFLOW_SQLITE_LOCKING="flock-ish"), \
+                self.assertRaisesRegex(reflow.StoreError, "unknown REFLOW_SQLITE_LOCKING 'flock-ish'"):
+            reflow.SqliteStore(self.store_path)
+
+    def test_lock_failures_point_to_the_nfs_guidance(self) -> None:
+        self.assertIn("REFLOW_SQLITE_LOCKING=dotfile", reflow._lock_hint(sqlite3.OperationalError("locking protocol")))
+        self.assertIn("README", reflow._lock_hint(sqlite3.OperationalError("disk I/O error")))
+        self.assertEqual(reflow._lock_hint(sqlite3.OperationalError("database is locked")), "")
+        self.assertIn("Stores on NFS", (HERE / "README.md").read_text())
+
+
+class SchedulerOutageTest(FakeSchedulerCase):
+    """Fault 5: transient scheduler failures from a fake sbatch on PATH, at the level of whole runs."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        env = mock_env(XDG_CONFIG_HOME=str(self.tmp / "config"), XDG_CACHE_HOME=str(self.tmp / "cache"),
+                       HOME=str(self.tmp / "home"), REFLOW_STORE_PATH=str(self.tmp / "store.db"),
+                       REFLOW_SCHED_TIMEOUT="1")
+        env.__enter__()
+        self.addCleanup(env.__exit__, None, None, None)
+        self.wf = load_flow(self.tmp, FANOUT).wf
+
+    def submit(self):
+        """Submit n=2 on Slurm; return (run id or None, the error raised or None)."""
+        store = reflow.SqliteStore(self.tmp / "store.db")
+        self.addCleanup(store.close)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                return self.wf.submit(self.work / "run", store=store, executor="slurm", n=2).run_id, None
+        except reflow.ExecutorError as exc:
+            runs = store.list_runs()
+            return (runs[0]["run_id"] if runs else None), exc
+
+    def prepare(self, run_id: str) -> dict:
+        with reflow.SqliteStore(self.tmp / "store.db") as store:
+            return store.get_task_instance(run_id, "prepare", None)
+
+    def test_transient_failures_are_retried_and_recovered(self) -> None:
+        faults = [{"rc": 1, "stderr": "sbatch: error: Socket timed out on send/recv operation"},
+                  {"rc": 1, "stderr": "sbatch: error: Slurm temporarily unable to accept job, sleeping and retrying"},
+                  {"sleep": 5, "stdout": "1\n"},                 # hangs past REFLOW_SCHED_TIMEOUT
+                  {"rc": 1, "stderr": "sbatch: error: slurm_receive_msg: Zero Bytes were transmitted or received"}]
+        for fault in faults:
+            with self.subTest(fault=fault):
+                for stale in self.tmp.glob("sbatch.*"):
+                    stale.unlink()
+                shutil.rmtree(self.work / "run", ignore_errors=True)
+                self.answer("sbatch", fault, {"stdout": "4242\n"})
+                run_id, error = self.submit()
+                self.assertIsNone(error)
+                self.assertEqual((self.prepare(run_id)["state"], self.prepare(run_id)["job_id"]), ("SUBMITTED", "4242"))
+                _FaultFigures.faults += 1
+                _FaultFigures.recovered += 1
+
+    def test_permanent_errors_fail_fast_with_the_message(self) -> None:
+        for answer, text in (({"rc": 1, "stderr": "sbatch: error: Batch job submission failed: Invalid account or "
+                                                  "account/partition combination specified"}, "Invalid account"),
+                             ({"stdout": ""}, "sbatch"),              # exit 0 but no job id
+                             ({"stdout": "Submitted nothing today\n"}, "Submitted nothing today")):  # garbage
+            with self.subTest(answer=answer):
+                for stale in self.tmp.glob("sbatch.*"):
+                    stale.unlink()
+                (self.tmp / "calls.jsonl").unlink(missing_ok=True)
+                shutil.rmtree(self.work / "run", ignore_errors=True)
+                self.answer("sbatch", answer)
+                run_id, error = self.submit()
+                self.assertIsNone(error)
+                self.assertEqual(len(self.calls("sbatch")), 1)  # no retry of a permanent error
+                prepare = self.prepare(run_id)
+                self.assertEqual((prepare["state"], prepare["reason"]), ("FAILED", "SUBMIT_FAILED"))
+                self.assertIn(text, prepare["error_text"])
+                with reflow.SqliteStore(self.tmp / "store.db") as store:
+                    self.assertEqual(store.get_run(run_id)["status"], "FAILED")
+                _FaultFigures.faults += 1
+
+    def test_scheduler_down_for_good_fails_the_run_instead_of_hanging(self) -> None:
+        down = {"rc": 1, "stderr": "sbatch: error: Socket timed out on send/recv operation"}
+        self.answer("sbatch", {"stdout": "4242\n"}, down)  # the task job goes in, then the controller dies
+        run_id, error = self.submit()
+        self.assertIsNotNone(error)
+        self.assertIn("cannot submit its next dispatch cycle", str(error))
+        self.assertIn("Socket timed out", str(error))
+        self.assertEqual(len(self.calls("sbatch")), 1 + 3)  # REFLOW_SCHED_RETRIES=2: three tries, then give up
+        with reflow.SqliteStore(self.tmp / "store.db") as store:
+            self.assertEqual(store.get_run(run_id)["status"], "FAILED")
+            _FaultFigures.faults += 1
+            self.answer("sbatch", {"stdout": "4343\n"})  # the scheduler is back: retry resumes the run
+            (self.tmp / "sbatch.count").unlink()
+            with contextlib.redirect_stdout(io.StringIO()):
+                reflow.retry_run(store, run_id, executor=SlurmExecutor())
+            self.assertEqual((store.get_run(run_id)["status"], store.get_run(run_id)["dispatch_job_id"]),
+                             ("RUNNING", "4343"))
+            self.assertEqual(self.prepare(run_id)["job_id"], "4242")  # the job already queued is kept, not doubled
+        _FaultFigures.recovered += 1
+
+
+class KilledWorkerTest(TempDirTest):
+    """Fault 2: ``kill -9`` of a worker mid-task; the element fails with the reason, ``retry`` completes the run."""
+
+    def test_killed_worker_then_retry(self) -> None:
+        mod = load_flow(self.tmp, LocalSubmitTest.SLEEPY)
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        with mock_env(MARKS=str(marks), NAP="2", REFLOW_LOST_JOB_GRACE="0"):
+            run = mod.wf.submit(self.tmp / "run", executor="local")
+            deadline = time.monotonic() + 60
+            while not (marks / "0.pid").exists() or not (marks / "0.pid").read_text():
+                self.assertLess(time.monotonic(), deadline, "worker 0 never started")
+                time.sleep(0.05)
+            os.kill(int((marks / "0.pid").read_text()), signal.SIGKILL)
+            _FaultFigures.faults += 1
+            self.assertEqual(run.wait(timeout=60), "FAILED")
+        lost = run.store.get_task_instance(run.run_id, "sleepy", 0)
+        self.assertEqual((lost["state"], lost["reason"]), ("FAILED", "signal 9"))
+        with mock_env(MARKS=str(marks), NAP="0"), contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(run.retry(), 1)
+            self.assertEqual(run.wait(timeout=60), "SUCCESS")
+        _FaultFigures.recovered += 1
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "sleepy"), [0, 1])
+        self.assertEqual(run.store.get_task_instance(run.run_id, "sleepy", 0)["attempt"], 1)
+        events = _success_events(self.store_path, run.run_id)
+        self.assertEqual(sorted(events.values()), [1, 1, 1])  # seed, sleepy[0], sleepy[1]: each SUCCESS once
+
+
+_SLURM_HELD = """
+import os, time
+from reflow import Result, Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M")
+def seed() -> list[int]:
+    return [0, 1, 2]
+
+
+@wf.job(array=True, mem="200M", time="00:05:00")
+def held(x: int = Result(step="seed")) -> int:
+    open(os.path.join(MARKS, str(x)), "w").close()
+    deadline = time.time() + 120
+    while os.path.exists(HOLD) and time.time() < deadline:
+        time.sleep(0.2)
+    return x
+
+
+MARKS, HOLD = "MARKSPATH", "HOLDPATH"
+"""
+
+
+class SlurmFaultTest(TempDirTest):
+    """On the real Slurm: ``scancel`` of one array element (fault 2), and a run directory of shell syntax."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        problem = SlurmBackendTest.unavailable()
+        if problem:
+            if IN_CI:
+                raise AssertionError(f"{cls.__name__}: {problem} (CI=true: a missing scheduler is a failure)")
+            raise unittest.SkipTest(f"{cls.__name__}: {problem}")
+
+    def setUp(self) -> None:
+        super().setUp()
+        env = mock_env(REFLOW_LOST_JOB_GRACE="0", REFLOW_SCHED_BACKOFF="0.2",
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
+        env.__enter__()
+        self.addCleanup(env.__exit__, None, None, None)
+
+    def test_hostile_run_dir_on_slurm(self) -> None:
+        """Job scripts, --chdir, log paths and dependency lists of a real run in a directory of shell syntax."""
+        mod = load_flow(self.tmp, FANOUT.replace('Workflow("fan")', f'Workflow("fan{uuid.uuid4().hex[:6]}")'))
+        run = mod.wf.submit(self.tmp / HOSTILE_DIR, executor="slurm", n=3)
+        try:
+            self.assertEqual(run.wait(timeout=120), "SUCCESS", run.status(as_dict=True))
+        finally:
+            with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+                if run.state == "RUNNING":
+                    run.cancel()
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), 5)
+        self.assertEqual(sorted(str(p) for p in self.tmp.rglob("pwned*")), [])
+
+    def test_scancel_one_element_then_retry(self) -> None:
+        marks, hold = self.tmp / "marks", self.tmp / "hold"
+        marks.mkdir()
+        hold.write_text("hold")
+        name = "held" + uuid.uuid4().hex[:6]
+        source = _SLURM_HELD.replace("WFNAME", name).replace("MARKSPATH", str(marks)).replace("HOLDPATH", str(hold))
+        mod = load_flow(self.tmp, source)
+        run = mod.wf.submit(self.tmp / "run", executor="slurm")
+        try:
+            self._cancel_one_element(run, marks, hold)
+        finally:
+            hold.unlink(missing_ok=True)
+            with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):
+                if run.state == "RUNNING":
+                    run.cancel()
+
+    def _cancel_one_element(self, run, marks: Path, hold: Path) -> None:
+        deadline = time.monotonic() + 120
+        while len(list(marks.iterdir())) < 3:
+            self.assertLess(time.monotonic(), deadline, f"elements never all started: {run.status(as_dict=True)}")
+            time.sleep(0.25)
+        victim = run.store.get_task_instance(run.run_id, "held", 1)
+        subprocess.run(["scancel", victim["job_id"]], check=True, capture_output=True, timeout=30)
+        _FaultFigures.faults += 1
+        hold.unlink()  # the other elements finish; the next cycle sees the cancelled one
+        self.assertEqual(run.wait(timeout=120), "FAILED", run.status(as_dict=True))
+        victim = run.store.get_task_instance(run.run_id, "held", 1)
+        self.assertEqual(victim["state"], "FAILED", victim["error_text"])
+        self.assertRegex(victim["reason"], r"^CANCELLED")  # sacct may add "by <uid>"
+        self.assertIn("interrupted by SIGTERM", victim["error_text"])  # scancel's signal, caught by the worker
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(run.retry(), 1)
+        self.assertEqual(run.wait(timeout=120), "SUCCESS", run.status(as_dict=True))
+        _FaultFigures.recovered += 1
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "held"), [0, 1, 2])
+        self.assertEqual(sorted(_success_events(self.store_path, run.run_id).values()), [1, 1, 1, 1])
+
+
+_ECHO_FLOW = """
+from reflow import Workflow
+
+wf = Workflow("echo")
+
+
+@wf.job()
+def echo(text: str) -> str:
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: Hostile values as one parameter (HOSTILE minus the empty word, which argparse cannot tell from none).
+_HOSTILE_TEXT = "|".join(word for word in HOSTILE if word) + "|-x |with space|'|\"|;|$(touch pwned3)"
+
+
+#: A directory name made of shell syntax (no newline: Slurm and the local executor would take it, but it is cruel).
+HOSTILE_DIR = "run $(touch pwned) `touch pwned2`; 'q' \"d\" -x ü"
+
+
+class SecurityTest(TempDirTest):
+    """Nothing injected: hostile values run nothing, files are private, no unsafe calls in reflow.py."""
+
+    def test_hostile_parameters_reach_the_function_verbatim(self) -> None:
+        """Through the CLI, the job command lines and the local executor's jobs, on the spool and local executors."""
+        flow = self.tmp / "echo_flow.py"
+        flow.write_text(textwrap.dedent(_ECHO_FLOW))
+        proc = run_cli(flow, "submit", "--executor", "local", "--run-dir", self.tmp / "run", "--text",
+                       _HOSTILE_TEXT, "--wait", cwd=self.tmp)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with reflow.SqliteStore(self.store_path) as store:
+            run_id = store.list_runs()[0]["run_id"]
+            self.assertEqual(store.get_singleton_output(run_id, "echo"), _HOSTILE_TEXT)
+        mod = load_flow(self.tmp, _ECHO_FLOW)
+        sched = _SpoolScheduler(self.tmp / "spool")
+        with reflow.SqliteStore(self.store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            run = mod.wf.submit(self.tmp / "run2", store=store, executor=sched, text=_HOSTILE_TEXT)
+            _drive(mod.wf, sched)
+            self.assertEqual(store.get_singleton_output(run.run_id, "echo"), _HOSTILE_TEXT)
+        for record in sched.jobs().values():  # argv words, never a shell string
+            self.assertIsInstance(record["command"], list)
+        self.assertEqual(sorted(str(p) for p in self.tmp.rglob("pwned*")), [])
+
+    def test_hostile_run_dir_runs_nothing(self) -> None:
+        """A run directory full of shell syntax ends up in job commands, log paths and workdirs, quoted."""
+        run_dir = self.tmp / HOSTILE_DIR
+        (self.tmp / "fan.py").write_text(textwrap.dedent(FANOUT))
+        proc = run_cli(self.tmp / "fan.py", "submit", "--executor", "local", "--run-dir", run_dir, "--n", "3",
+                       "--wait", cwd=self.tmp)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        with reflow.SqliteStore(self.store_path) as store:
+            run_id = store.list_runs()[0]["run_id"]
+            self.assertEqual(store.get_singleton_output(run_id, "total"), 5)
+        self.assertTrue(list((run_dir / "logs").iterdir()))
+        self.assertEqual(sorted(str(p) for p in self.tmp.rglob("pwned*")), [])
+
+    def test_hostile_task_and_flow_names_are_refused(self) -> None:
+        for name in ("$(touch pwned)", "`touch pwned`", "a;b", "it's", "two\nlines", "-leading", "with space",
+                     "../escape", "a/b", ".hidden", ""):
+            with self.subTest(name=name):
+                wf = Workflow("names")
+                with self.assertRaisesRegex(ValueError, "invalid task name"):
+                    wf.job(name=name)(lambda: 1)
+                with self.assertRaisesRegex(ValueError, "invalid workflow/flow name"):
+                    Workflow(name or "\n")
+        wf = Workflow("names")
+        wf.job(name="ünïcödé-ok.v2")(lambda: 1)  # letters of any script are fine
+        self.assertIn("ünïcödé-ok.v2", wf.tasks)
+
+    def test_private_files_regardless_of_umask(self) -> None:
+        for mask in (0o000, 0o077, 0o022):
+            with self.subTest(umask=oct(mask)), _umask(mask):
+                base = self.tmp / f"u{mask:o}"
+                mod = load_flow(self.tmp, FANOUT)
+                sched = _SpoolScheduler(base / "spool")
+                store_path = base / "store" / "manifest.db"
+                with reflow.SqliteStore(store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+                    run = mod.wf.submit(base / "run", store=store, executor=sched, n=2)
+                    _run_job(mod.wf, sched, sched.pending()[0][1])  # leaves its result and start marker in place
+                self.assertEqual(stat.S_IMODE(store_path.stat().st_mode), 0o600)
+                self.assertEqual(stat.S_IMODE(store_path.parent.stat().st_mode), 0o700)
+                results = reflow._results_dir(base / "run", run.run_id)
+                for directory in (base / "run", base / "run" / "logs", base / "run" / ".reflow", results.parent,
+                                  results):
+                    self.assertEqual(stat.S_IMODE(directory.stat().st_mode), 0o700, directory)
+                files = list(results.iterdir())
+                self.assertEqual(len(files), 2)
+                for path in files:
+                    self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600, path)
+
+    def test_planted_symlink_cannot_redirect_a_result(self) -> None:
+        mod = load_flow(self.tmp, FANOUT)
+        sched = _SpoolScheduler(self.tmp / "spool")
+        with reflow.SqliteStore(self.store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            run = mod.wf.submit(self.tmp / "run", store=store, executor=sched, n=2)
+        results = reflow._results_dir(self.tmp / "run", run.run_id)
+        target = self.tmp / "victim.txt"
+        target.write_text("precious")
+        results.mkdir(parents=True, exist_ok=True)
+        for suffix in ("json", "started"):
+            (results / f"prepare__singleton__0.{suffix}").symlink_to(target)
+        _FaultFigures.faults += 1
+        _drive(mod.wf, sched)
+        self.assertEqual(target.read_text(), "precious")
+        with reflow.SqliteStore(self.store_path) as store:
+            self.assertEqual(store.get_run(run.run_id)["status"], "SUCCESS")
+        self.assertFalse([p for p in results.iterdir() if p.is_symlink()])
+
+    def test_no_pickle_eval_exec_or_shell_in_reflow(self) -> None:
+        import ast
+        tree = ast.parse((HERE / "reflow.py").read_text(encoding="utf-8"))
+        found = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [alias.name for alias in node.names] + [getattr(node, "module", None) or ""]
+                found += [f"import {n} (line {node.lineno})" for n in names
+                          if n.split(".")[0] in ("pickle", "cPickle", "marshal", "shelve", "dill")]
+            elif isinstance(node, ast.Call):
+                func = node.func
+                if isinstance(func, ast.Name) and func.id in ("eval", "exec", "compile", "__import__"):
+                    found.append(f"{func.id}() (line {node.lineno})")
+                if isinstance(func, ast.Attribute) and func.attr in ("system", "popen", "getoutput", "getstatusoutput"):
+                    found.append(f"{func.attr}() (line {node.lineno})")
+                for keyword in node.keywords:
+                    if keyword.arg == "shell" and not (isinstance(keyword.value, ast.Constant)
+                                                       and keyword.value.value is False):
+                        found.append(f"shell= (line {node.lineno})")
+        self.assertEqual(found, [])
+
+
+def _flow_with(*decorate) -> Workflow:
+    """Build a workflow from (decorator kwargs, function) pairs (bad-input rows)."""
+    wf = Workflow("bad")
+    for options, func in decorate:
+        wf.job(**options)(func)
+    return wf
+
+
+def _prepare(n: int = 2) -> List[int]:
+    return list(range(n))
+
+
+def _square(x: int = Result(step="prepare")) -> int:
+    return x * x
+
+
+def _bad_step(x: int = Result(step="prepar")) -> int:
+    return x
+
+
+def _needs_text(text: str) -> str:
+    return text
+
+
+def _ping(a: int = Result(step="pong")) -> int:
+    return a
+
+
+def _pong(b: int = Result(step="ping")) -> int:
+    return b
+
+
+def _twice_included() -> Workflow:
+    inner = Flow("inner")
+    inner.job(name="prepare")(_prepare)
+    outer = _flow_with(({"name": "prepare"}, _prepare))
+    outer.include(inner)
+    return outer
+
+
+class BadInputTest(TempDirTest):
+    """Bad input, table-driven: one line naming the thing, a non-zero exit (2 for usage), nothing changed."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.flow_file = self.tmp / "flow.py"
+        self.flow_file.write_text(textwrap.dedent(FANOUT))
+        self.mod = load_flow(self.tmp, FANOUT)
+        sched = _SpoolScheduler(self.tmp / "spool")
+        with reflow.SqliteStore(self.store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            self.run_id = self.mod.wf.submit(self.tmp / "run", store=store, executor=sched, n=2).run_id
+            _drive(self.mod.wf, sched)
+        (self.tmp / "afile").write_text("x")
+        (self.tmp / "garbage.db").write_bytes(b"not sqlite at all " * 50)
+        (self.tmp / "echo_flow.py").write_text(textwrap.dedent(_ECHO_FLOW))
+        (self.tmp / "config" / "reflow").mkdir(parents=True)
+
+    def snapshot(self) -> Tuple[bytes, List[str]]:
+        tree = sorted(str(p.relative_to(self.tmp)) for p in self.tmp.rglob("*")
+                      if "__pycache__" not in p.parts and p.name != "config.toml")
+        return self.store_path.read_bytes(), tree
+
+    def on_store(self, function, *args):
+        """Call ``function(store, *args)`` on the test's store, closing it afterwards."""
+        with reflow.SqliteStore(self.store_path) as store:
+            return function(store, *args)
+
+    def api_rows(self):
+        submit = self.mod.wf.submit
+        run_dir = self.tmp / "new-run"
+        return [
+            ("unknown Result step", lambda: _flow_with(({"name": "prepare"}, _prepare), ({}, _bad_step)).validate(),
+             "Did you mean 'prepare'?"),
+            ("cycle", lambda: _flow_with(({"name": "ping"}, _ping), ({"name": "pong"}, _pong)).validate(), "cycle"),
+            ("duplicate task after include", _twice_included, "'prepare'"),
+            ("missing parameter", lambda: _flow_with(({}, _needs_text)).submit(run_dir, executor="local"), "--text"),
+            ("extra parameter", lambda: submit(run_dir, executor="local", n=2, m=3), "unknown parameter 'm'"),
+            ("ill-typed parameter", lambda: submit(run_dir, executor="local", n="two"), "must be int"),
+            ("cpus 0", lambda: _flow_with(({"cpus": 0}, _prepare)), "cpus must be an integer >= 1, got 0"),
+            ("walltime 1h30", lambda: _flow_with(({"time": "1h30"}, _prepare)), "1h30"),
+            ("memory '4 GB'", lambda: _flow_with(({"mem": "4 GB"}, _prepare)), "4 GB"),
+            ("retries -1", lambda: _flow_with(({"retries": -1}, _prepare)), "retries"),
+            ("array without input", lambda: _flow_with(({"array": True}, _prepare)), "Result"),
+            ("unknown executor name", lambda: submit(run_dir, executor="slrum", n=2), "Did you mean 'slurm'?"),
+            ("non-UTF-8 parameter", lambda: _flow_with(({}, _needs_text)).submit(run_dir, executor="local",
+                                                                                  text="ab\udcff"), "byte 0xff"),
+            ("10 MB parameter", lambda: _flow_with(({}, _needs_text)).submit(run_dir, executor="local",
+                                                                              text="x" * 10_000_000), "the limit is"),
+            ("run dir inside a file", lambda: submit(self.tmp / "afile" / "r", executor="local", n=2), "afile"),
+            ("unwritable store path", lambda: submit(run_dir, executor="local", n=2,
+                                                     store=reflow.SqliteStore(self.tmp / "afile" / "s.db")),
+             "cannot create"),
+            ("store is a directory", lambda: submit(run_dir, executor="local", n=2,
+                                                    store=reflow.SqliteStore(self.tmp / "spool")), "is a directory"),
+            ("unknown task to force", lambda: submit(run_dir, executor="local", n=2, force_tasks=["squar"]),
+             "squar"),
+            ("unknown run id", lambda: self.on_store(reflow.retry_run, "fan-nope"), "no run 'fan-nope'"),
+            ("unknown task of a run", lambda: self.on_store(reflow.cancel_run, self.run_id, "squar"),
+             "Did you mean 'square'?"),
+            ("unknown sqlite locking", lambda: _with_env(REFLOW_SQLITE_LOCKING="nfs")(
+                lambda: reflow.SqliteStore(self.store_path)), "REFLOW_SQLITE_LOCKING"),
+            ("unknown journal mode", lambda: reflow.SqliteStore(self.store_path, journal_mode="wall"), "'wall'"),
+        ]
+
+    def cli_rows(self):
+        flow, tool, run = self.flow_file, HERE / "reflow.py", self.tmp / "new-run"
+        return [
+            ("ill-typed flag", (flow, "submit", "--run-dir", run, "--n", "two"), "invalid int value: 'two'", 2),
+            ("unknown flag", (flow, "submit", "--run-dir", run, "--m", "3"), "--m", 2),
+            ("unknown command", (tool, "stauts", "x"), "stauts", 2),
+            ("missing run id", (tool, "status"), "run_id", 2),
+            ("bad dag format", (tool, "dag", self.run_id, "--format", "png"), "png", 2),
+            ("bad --status", (tool, "runs", "--status", "DONE"), "DONE", 2),
+            ("bad --last", (tool, "runs", "--last", "many"), "many", 2),
+            ("worker from reflow.py", (tool, "worker", "--run-id", self.run_id), "runs from the workflow file", 2),
+            ("unknown run id", (tool, "status", "fan-nope"), "no run 'fan-nope'", 1),
+            ("unknown run to retry", (tool, "retry", "fan-nope"), "no run 'fan-nope'", 1),
+            ("unknown run to cancel", (tool, "cancel", "fan-nope"), "fan-nope", 1),
+            ("unknown task in status", (tool, "status", self.run_id, "--task", "squar"), "squar", 1),
+            ("unknown task to retry", (tool, "retry", self.run_id, "--task", "squar"), "Did you mean 'square'?", 1),
+            ("bad --since", (tool, "runs", "--since", "yesterday"), "yesterday", 1),
+            ("store path missing", (tool, "status", self.run_id, "--store-path", self.tmp / "none.db"),
+             "does not exist", 1),
+            ("store is garbage", (tool, "status", self.run_id, "--store-path", self.tmp / "garbage.db"),
+             "garbage.db", 1),
+            ("unknown executor", (flow, "submit", "--run-dir", run, "--executor", "slrum"), "Did you mean 'slurm'?", 1),
+            ("run dir inside a file", (flow, "submit", "--run-dir", self.tmp / "afile" / "r"), "afile", 1),
+            ("non-UTF-8 bytes", (self.tmp / "echo_flow.py", "run", "--run-dir", run, "--text", b"ab\xffcd"),
+             "parameter 'text' is not valid UTF-8 text (byte 0xff at position 2)", 1),
+            ("missing required flag", (self.tmp / "echo_flow.py", "run", "--run-dir", run), "--text", 2),
+            ("malformed config", ("[executor\n", flow, "submit", "--run-dir", run), "line 1", 1),
+            ("unknown config key", ('[executor]\nmdoe = "sbatch"\n', flow, "submit", "--run-dir", run),
+             "Did you mean 'executor.mode'?", 1),
+            ("ill-typed config value", ("[executor]\nmax_submit_jobs = \"lots\"\n", flow, "submit", "--run-dir", run),
+             "max_submit_jobs", 1),
+        ]
+
+    def test_api_rows(self) -> None:
+        for name, action, text in self.api_rows():
+            with self.subTest(name=name):
+                before = self.snapshot()
+                with self.assertRaises((reflow.ReflowError, ValueError, TypeError, KeyError)) as caught, \
+                        contextlib.redirect_stderr(io.StringIO()):
+                    action()
+                message = str(caught.exception.args[0]) if isinstance(caught.exception, KeyError) \
+                    else str(caught.exception)
+                self.assertIn(text, message)
+                self.assertEqual(len(message.splitlines()), 1, message)
+                self.assertEqual(self.snapshot(), before)
+                _FaultFigures.bad_inputs += 1
+
+    def test_cli_rows(self) -> None:
+        for name, argv, text, code in self.cli_rows():
+            with self.subTest(name=name):
+                config = argv[0] if isinstance(argv[0], str) else ""
+                (self.tmp / "config" / "reflow" / "config.toml").write_text(config)
+                argv = argv[1:] if isinstance(argv[0], str) else argv
+                before = self.snapshot()
+                proc = subprocess.run([sys.executable, *(a if isinstance(a, bytes) else str(a) for a in argv)],
+                                      capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+                stderr = proc.stderr.decode("utf-8", "replace")
+                self.assertEqual(proc.returncode, code, stderr)
+                self.assertIn(text, stderr)
+                self.assertNotIn("Traceback", stderr)
+                self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+                self.assertEqual(self.snapshot(), before)
+                _FaultFigures.bad_inputs += 1
+
+
+def _with_env(**values: str):
+    """Return a runner calling a function with environment variables set."""
+    def runner(function):
+        with mock_env(**values):
+            return function()
+    return runner
+
+
 def main() -> int:
     """Run every test (or those named on the command line) and print one closing line."""
     program = unittest.main(exit=False, verbosity=int(os.environ.get("VERBOSE", "1")))
@@ -5092,6 +6228,11 @@ def main() -> int:
     failed = len(set(broken)) + len(getattr(result, "unexpectedSuccesses", []))
     skipped = len(result.skipped)
     passed = result.testsRun - failed - skipped
+    figures = _FaultFigures
+    if figures.faults or figures.bad_inputs:
+        print(f"\nissue 5 figures: {figures.faults} faults injected, {figures.recovered} runs recovered, "
+              f"{figures.lost} elements lost, {figures.doubled} double submissions, {figures.bad_inputs} bad inputs "
+              "tried")
     print(f"\n{passed} passed, {failed} failed, {skipped} skipped")
     return 0 if result.wasSuccessful() and result.testsRun else 1
 
