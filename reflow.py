@@ -62,9 +62,12 @@ __all__ = [
     "Workflow",
     "WorkflowDescription",
     "__version__",
+    "choose_elements_per_job",
     "config_path",
+    "element_log_lines",
     "ensure_config_exists",
     "load_config",
+    "pack_limits",
     "write_example_config",
 ]
 
@@ -128,6 +131,19 @@ DEFAULT_LOST_JOB_GRACE = 60.0
 SQLITE_BUSY_TIMEOUT_MS = 60000
 #: Environment variable set in every job reflow starts (worker or dispatcher).
 JOB_ENV_MARKER = "REFLOW_JOB"
+#: Packing (``elements_per_job="auto"``): elements whose measured median is
+#: shorter than PACK_SHORT_SECONDS are packed so that each job runs about
+#: PACK_TARGET_SECONDS; longer elements are never packed.
+PACK_SHORT_SECONDS, PACK_TARGET_SECONDS = 60.0, 300.0
+#: Default cap of a packed job's walltime (``executor.pack_max_time``).
+DEFAULT_PACK_MAX_TIME = "24:00:00"
+#: ``inline="auto"`` runs a batch inside the dispatch job when its measured
+#: work (median x elements / slots) is at most this many seconds.
+INLINE_AUTO_SECONDS = 30.0
+#: Seconds of the dispatch job's walltime kept free after inline work.
+INLINE_MARGIN_SECONDS = 60.0
+#: Marker lines a packed worker writes around each element (see element_log_lines).
+ELEMENT_MARK = "==> reflow element"
 
 
 # =============================================================================
@@ -855,6 +871,7 @@ _CONFIG_SCHEMA: Dict[str, Dict[str, Callable[[Any], Optional[str]]]] = {
         mode=_check_str, python=_check_str, max_submit_jobs=_check_int,
         lost_job_grace=_check_seconds, partition=_check_str, queue=_check_str,
         account=_check_str, submit_options=_check_table, max_array_size=_check_positive_int,
+        pack_max_time=_check_by(parse_time),
     ),
     "dispatch": {
         "cpus": _check_positive_int, "time": _check_by(parse_time), "mem": _check_by(parse_mem),
@@ -912,7 +929,7 @@ class Config:
     ``data`` is the parsed file (``{"executor": {"mode": "sbatch"}, ...}``);
     ``path`` only names the file in error messages.  Every property reads
     the environment when it is accessed.  Values are strings, except
-    ``max_submit_jobs``, ``dispatch_cpus`` and ``lost_job_grace``; unset
+    ``max_submit_jobs``, ``dispatch_cpus``, ``lost_job_grace`` and ``pack_max_time``; unset
     values without a default are None.
     """
 
@@ -1014,6 +1031,17 @@ class Config:
     def max_submit_jobs(self) -> Optional[int]:
         """Most queued jobs per run (an int > 0), or None for no cap (also when invalid)."""
         return _positive_int_or_none(_env("REFLOW_MAX_SUBMIT_JOBS") or self.get("executor.max_submit_jobs"))
+
+    @property
+    def pack_max_time(self) -> int:
+        """Longest walltime (seconds) packing may give a job (``executor.pack_max_time``, default 24 h)."""
+        raw = _env("REFLOW_PACK_MAX_TIME")
+        value = raw if raw is not None else self.get("executor.pack_max_time", DEFAULT_PACK_MAX_TIME)
+        try:
+            return parse_time(value)
+        except ValueError as exc:
+            source = "REFLOW_PACK_MAX_TIME" if raw is not None else "'executor.pack_max_time'"
+            raise self._error(f"{source}: {exc}") from None
 
     @property
     def lost_job_grace(self) -> float:
@@ -1157,6 +1185,8 @@ _EXAMPLE_CONFIG = '''\
 # lost_job_grace = 60.0
 # Most elements of one native array; larger waves are split (default: the scheduler's).  REFLOW_MAX_ARRAY_SIZE
 # max_array_size = 1000
+# Longest walltime packing (elements_per_job) may ask for; packs shrink to fit.  REFLOW_PACK_MAX_TIME
+# pack_max_time = "24:00:00"
 # Partition or queue of task jobs (synonyms).  REFLOW_PARTITION, REFLOW_QUEUE
 # partition = "normal"
 # queue = "normal"
@@ -1493,6 +1523,8 @@ class JobConfig:
     cache: bool = True
     backend: Optional[str] = None
     retries: int = 0
+    elements_per_job: Union[int, str] = 1
+    inline: Union[bool, str] = False
 
     extra = property(lambda self: self.submit_options, doc="Scheduler options (alias of submit_options).")
     partition = property(lambda self: self.submit_options.get("partition") or self.submit_options.get("queue"))
@@ -1583,6 +1615,18 @@ def _find_result(param: inspect.Parameter, hint: Any) -> Optional[Result]:
     return next((m for m in _strip_annotated(hint)[1] if isinstance(m, Result)), None)
 
 
+def _check_packing(name: str, array: bool, elements_per_job: Any, inline: Any) -> None:
+    """Validate ``elements_per_job`` and ``inline``; raise ValueError naming the task and value."""
+    if elements_per_job != "auto" and (not isinstance(elements_per_job, int) or isinstance(elements_per_job, bool)
+                                       or elements_per_job < 1):
+        raise ValueError(f"task {name!r}: elements_per_job must be an integer >= 1 or 'auto', "
+                         f"got {elements_per_job!r}")
+    if elements_per_job != 1 and not array:
+        raise ValueError(f"task {name!r}: elements_per_job needs array=True")
+    if inline not in (True, False, "auto"):
+        raise ValueError(f"task {name!r}: inline must be True, False or 'auto', got {inline!r}")
+
+
 def _check_job_options(name: str, cpus: Any, time_: Any, mem: Any, retries: Any, parallelism: Any) -> None:
     """Validate decorator resources; raise ValueError naming the task and value."""
     for label, value, minimum in (("cpus", cpus, 1), ("retries", retries, 0)):
@@ -1619,6 +1663,7 @@ class Flow:
             after: Optional[Union[str, Sequence[str]]] = None, submit_options: Optional[Dict[str, Any]] = None,
             extra: Optional[Dict[str, Any]] = None, version: str = "1", cache: bool = True,
             verify: Optional[Callable[[Any], bool]] = None, backend: Optional[str] = None, retries: int = 0,
+            elements_per_job: Union[int, str] = 1, inline: Union[bool, str] = False,
             **scheduler_options: Any) -> Callable[[Callable], Callable]:
         """Register the decorated function as a task and return it unchanged.
 
@@ -1628,6 +1673,23 @@ class Flow:
         keyword (``partition=``, ``account=``...) become scheduler options;
         ``version`` invalidates the cache; ``verify(output) -> bool`` checks a
         cache hit; ``retries`` resubmits failed instances up to N times.
+
+        ``elements_per_job=K`` (arrays) packs K elements into each scheduler
+        array element: one worker process runs them, ``cpus`` at a time in a
+        forked process pool when ``cpus > 1``, else one after another.  Each
+        element keeps its own result, state, retry and log slice.  ``time``
+        and ``mem`` stay per element: the job asks for ``time x ceil(K /
+        slots)`` (slots = min(cpus, K)), at most ``executor.pack_max_time``
+        (K shrinks to fit, never the walltime), and ``mem x slots``.
+        ``"auto"`` packs only elements measured shorter than 60 s in earlier
+        runs of the workflow (aiming at 5-minute jobs), or, without history,
+        a width above ``max_submit_jobs`` (see :func:`choose_elements_per_job`).
+
+        ``inline=True`` runs the task's ready instances inside the dispatch
+        job (already a batch job) instead of submitting jobs, for tiny work,
+        within the dispatch job's resources (``dispatch.cpus/mem/time``, not
+        the task's); ``"auto"`` does so when earlier runs measured the batch
+        at 30 s or less and the task needs no more cpus than the dispatch job.
         """
         options = dict(submit_options or {})
         options.update(extra or {})
@@ -1637,9 +1699,11 @@ class Flow:
         def register(func: Callable) -> Callable:
             task_name = name or func.__name__
             _check_job_options(task_name, cpus, time, mem, retries, array_parallelism)
+            _check_packing(task_name, bool(array), elements_per_job, inline)
             config = JobConfig(cpus=cpus, time=str(time), mem=str(mem), array=bool(array), after=after_list,
                                array_parallelism=array_parallelism, submit_options=options,
-                               version=str(version), cache=bool(cache), backend=backend, retries=retries)
+                               version=str(version), cache=bool(cache), backend=backend, retries=retries,
+                               elements_per_job=elements_per_job, inline=inline)
             self._add(self._make_spec(task_name, func, config, verify))
             return func
 
@@ -2418,6 +2482,25 @@ class Store(abc.ABC):
                       task_name: Optional[str] = None) -> List[InstanceRow]:
         """Return light rows (id, task_name, array_index, state, job_id, attempt), JSON not decoded."""
 
+    def task_durations(self, graph_name: str, task: str, exclude_run: str = "", runs: int = 20,
+                       limit: int = 1000) -> List[float]:
+        """Return run seconds of the newest SUCCESS, not cached instances of ``task`` in earlier runs.
+
+        Looks at the last ``runs`` runs of workflow ``graph_name`` (without
+        ``exclude_run``), at most ``limit`` instances.
+        """
+        seconds: List[float] = []
+        for run in self.list_runs(graph_name, limit=runs + 1):
+            if run["run_id"] == exclude_run:
+                continue
+            for inst in self.list_task_instances(run["run_id"], task, states=["SUCCESS"]):
+                duration = _duration(inst.get("started_at"), inst.get("finished_at"))
+                if duration is not None and not inst.get("cached"):
+                    seconds.append(duration)
+            if len(seconds) >= limit:
+                break
+        return seconds[:limit]
+
     @abc.abstractmethod
     def mark_submitted(self, rows: Iterable[Tuple[int, str]]) -> int:
         """Set (instance_id, job_id) pairs SUBMITTED if still PENDING/RETRYING; return n."""
@@ -2545,6 +2628,14 @@ _TASK_STATE_NAMES = frozenset(TaskState.__members__)
 _TERMINAL_NAMES = frozenset(state.value for state in TaskState.terminal())
 _RETRY_FIELDS = ("state = 'RETRYING', attempt = attempt + 1, error_text = NULL, output = NULL, output_hash = '', "
                  "job_id = NULL, reason = '', exit_code = NULL, started_at = NULL, finished_at = NULL, cached = 0")
+
+
+def _duration(started: Optional[str], finished: Optional[str]) -> Optional[float]:
+    """Return the seconds between two ISO timestamps, or None when one is missing or unreadable."""
+    try:
+        return (_dt.datetime.fromisoformat(str(finished)) - _dt.datetime.fromisoformat(str(started))).total_seconds()
+    except (TypeError, ValueError):
+        return None
 
 
 def _sqlite_busy(exc: BaseException) -> bool:
@@ -3267,6 +3358,19 @@ class SqliteStore(Store):
         rows = self._read(f"SELECT id, task_name, array_index, state, job_id, attempt FROM task_instances "
                           f"WHERE {clause} ORDER BY id", params)
         return list(map(InstanceRow._make, rows))
+
+    def task_durations(self, graph_name: str, task: str, exclude_run: str = "", runs: int = 20,
+                       limit: int = 1000) -> List[float]:
+        """Return run seconds of the newest SUCCESS, not cached instances of ``task`` in earlier runs."""
+        run_ids = [r[0] for r in self._read("SELECT run_id FROM runs WHERE graph_name = ? AND run_id != ? "
+                                            "ORDER BY created_at DESC, rowid DESC LIMIT ?",
+                                            (graph_name, exclude_run, int(runs)))]
+        rows = self._read_chunked(
+            "SELECT started_at, finished_at FROM task_instances WHERE task_name = ? AND state = 'SUCCESS' "
+            "AND cached = 0 AND started_at IS NOT NULL AND run_id IN {into} ORDER BY id DESC LIMIT " + str(int(limit)),
+            run_ids, (task,)) if run_ids else []
+        durations = (_duration(start, end) for start, end in rows)
+        return [d for d in durations if d is not None][:limit]
 
     def list_events(self, run_id: str, since_id: int = 0) -> List[Dict[str, Any]]:
         """Return event dicts (id, run_id, task_name, array_index, instance_id, at, event, state,
@@ -6297,10 +6401,12 @@ def _status_row(entry: Mapping[str, Any]) -> Tuple[str, ...]:
 def _format_instance(inst: Mapping[str, Any], errors: bool, colour: bool = False) -> List[str]:
     """Render one instance line (and its error tail when asked)."""
     label = inst["task_name"] + ("" if inst["array_index"] is None else f"[{inst['array_index']}]")
+    took = _seconds(inst.get("started_at"), inst.get("finished_at"))  # per element, also when packed
+    took_text = "" if took is None else f"  {format_duration(took)}"
     exit_code = "" if inst.get("exit_code") is None else f"  exit {inst['exit_code']}"
     reason = f"  {inst['reason']}" if inst.get("reason") else ""
     state = _paint(f"{inst['state']:<10}", inst["state"], colour)
-    lines = [f"  {label:<24} {state} job={inst['job_id'] or '-'}{exit_code}{reason}"]
+    lines = [f"  {label:<24} {state} job={inst['job_id'] or '-'}{took_text}{exit_code}{reason}"]
     if errors and inst.get("error_text"):
         text_lines = inst["error_text"].rstrip().splitlines()
         lines += [f"      | {line}" for line in text_lines[-15:]]
@@ -6332,7 +6438,8 @@ def log_entries(store: "Store", run_id: str, task: Optional[str] = None, index: 
 
     Without ``task`` (or with ``failed``) only FAILED instances are listed.
     Each entry has task, index, state, attempt, job_id, exit_code, signal,
-    reason, stdout, stderr (paths or None), stderr_tail and error_tail.
+    reason, stdout, stderr (paths or None), stderr_tail, error_tail and element_log
+    (the element's own lines of a packed job's log).
     """
     run = _load_run(store, run_id)
     _check_task_name(store, run_id, task)
@@ -6354,11 +6461,13 @@ def _log_entry(run_dir: Path, inst: Mapping[str, Any]) -> Dict[str, Any]:
     stdout = next((str(p) for p in found if p.suffix == ".out"), None)
     stderr = next((str(p) for p in found if p.suffix == ".err"), None)
     error = (inst.get("error_text") or "").rstrip().splitlines()
+    packed = [line for path in (stdout, stderr) if path  # the element's slice of a packed job's logs
+              for line in element_log_lines(path, inst["task_name"], inst["array_index"])]
     return {"task": inst["task_name"], "index": inst["array_index"], "state": inst["state"],
             "attempt": inst["attempt"], "job_id": inst["job_id"], "exit_code": inst.get("exit_code"),
             "signal": exit_signal(inst.get("exit_code"), inst.get("reason") or ""), "reason": inst.get("reason") or "",
             "stdout": stdout, "stderr": stderr, "logs": [str(p) for p in found],
-            "stderr_tail": _file_tail(stderr, 10), "error_tail": error[-15:]}
+            "stderr_tail": _file_tail(stderr, 10), "error_tail": error[-15:], "element_log": packed[-30:]}
 
 
 def exit_signal(exit_code: Optional[int], reason: str = "") -> Optional[str]:
@@ -6653,6 +6762,95 @@ def _failed_expansion_row(error: Exception) -> Dict[str, Any]:
 
 
 # =============================================================================
+# Engine: packing array elements into jobs (issue 7)
+# =============================================================================
+
+
+def choose_elements_per_job(width: int, cpus: int = 1, max_submit_jobs: Optional[int] = None,
+                            median_seconds: Optional[float] = None) -> int:
+    """Return how many elements ``elements_per_job="auto"`` packs into one job.
+
+    The rule: nothing to pack for a width <= 1.  With a measured median
+    element duration (earlier runs of the same workflow and task), elements
+    of PACK_SHORT_SECONDS (60 s) or more are never packed; shorter ones are
+    packed ``floor(PACK_TARGET_SECONDS * cpus / median)`` per job, so that a
+    job runs about 5 minutes.  Without history, elements are packed only
+    when the width exceeds ``max_submit_jobs``.  With a cap, a pack is at
+    least ``ceil(width / max_submit_jobs)``, so the whole width fits in the
+    cap.  The result is at most ``width``.
+    """
+    if width <= 1:
+        return 1
+    if median_seconds is not None:
+        if median_seconds >= PACK_SHORT_SECONDS:
+            return 1
+        pack = int(PACK_TARGET_SECONDS * max(1, cpus) // max(median_seconds, 0.001))
+    elif not max_submit_jobs or width <= max_submit_jobs:
+        return 1
+    else:
+        pack = 1
+    if max_submit_jobs:
+        pack = max(pack, -(-width // max_submit_jobs))
+    return max(1, min(pack, width))
+
+
+def pack_limits(time_limit: str, mem: str, pack: int, cpus: int, max_time: int) -> Tuple[int, int, str, str]:
+    """Return ``(pack, slots, walltime, memory)`` of a job running ``pack`` elements.
+
+    ``slots = min(cpus, pack)`` elements run at once (a forked process pool
+    when > 1).  Walltime = per-element ``time_limit`` x ``ceil(pack /
+    slots)``; memory = per-element ``mem`` x ``slots``.  When that walltime
+    would exceed ``max_time`` seconds, the pack shrinks until it fits (never
+    below one element): a packed job never asks for less time than its
+    elements need.  ``pack == 1`` leaves the resources unchanged.
+    """
+    per_element = parse_time(time_limit)
+    slots = max(1, min(cpus, pack))
+    fits = max(1, max_time // per_element) * slots
+    if fits < pack:
+        log.warning("packing %d elements of %s each exceeds the %s walltime cap; packing %d", pack,
+                    time_limit, format_hms(max_time), fits)
+        pack = fits
+        slots = max(1, min(cpus, pack))
+    if pack <= 1:
+        return 1, 1, time_limit, mem
+    return pack, slots, format_hms(per_element * -(-pack // slots)), mem if slots == 1 else f"{parse_mem(mem) * slots}K"
+
+
+def element_log_lines(path: Union[str, Path], task: str, index: Optional[int]) -> List[str]:
+    """Return the lines one element wrote into a packed job's log (between its marker lines).
+
+    Packed and inline workers write ``==> reflow element TASK[INDEX] start``
+    and ``... end STATE SECONDS`` around each element, on stdout and stderr;
+    both markers are included.  An empty list when the log has no markers
+    for that element.  Elements run in parallel slots may interleave lines.
+    """
+    name = f"{ELEMENT_MARK} {task}[{'' if index is None else index}] "
+    out: List[str] = []
+    inside = False
+    try:
+        with open(path, errors="replace") as handle:
+            for line in handle:
+                if line.startswith(name):
+                    inside = line.startswith(name + "start")
+                    out.append(line.rstrip("\n"))
+                elif inside:
+                    out.append(line.rstrip("\n"))
+    except OSError:
+        return []
+    return out
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    """Return the median of ``values``, or None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+# =============================================================================
 # Engine: the worker (runs one task instance inside a job)
 # =============================================================================
 
@@ -6691,28 +6889,188 @@ def _current_job_id() -> str:
     return ""
 
 
-def run_worker(wf: "Workflow", run_id: str, store_path: Union[str, Path], run_dir: Union[str, Path], task: str,
-               index: Optional[int] = None, positions: Optional[str] = None, base: int = 0) -> int:
-    """Run one task instance and drop its result file; return the exit code.
+def _position_chunk(positions: str, offset: int, pack: int) -> List[int]:
+    """Return the indices of packed array element ``offset``: positions ``[offset*pack, (offset+1)*pack)``."""
+    spec = Path(positions[1:]).read_text() if positions.startswith("@") else positions
+    indices = _expand_indices(spec)
+    chunk = indices[offset * pack:(offset + 1) * pack] if offset >= 0 else []
+    if not chunk:
+        raise ParameterError(f"packed array element {offset} is outside the {len(indices)} positions of this job "
+                             f"({pack} per element)")
+    return chunk
 
-    The store is opened read-only: workers never write the database.
+
+def run_worker(wf: "Workflow", run_id: str, store_path: Union[str, Path], run_dir: Union[str, Path], task: str,
+               index: Optional[int] = None, positions: Optional[str] = None, base: int = 0,
+               pack: Optional[int] = None, slots: int = 1) -> int:
+    """Run one task instance (or, with ``pack``, a chunk of them) and drop result files; return the exit code.
+
+    With ``pack`` K, array element ``e`` of the job runs the instances at
+    positions ``[e*K, (e+1)*K)``, ``slots`` at a time (see
+    :func:`_run_chunk`).  The store is opened read-only: workers never
+    write the database.
     """
     store = SqliteStore(store_path, readonly=True)
     try:
         params = store.get_run_parameters(run_id)
         spec = wf._task(task)
-        if positions:
-            index = _position_index(positions, (resolve_index(None) or 0) - base)
+        indices: List[Optional[int]] = [None]
+        if positions and pack:
+            indices = list(_position_chunk(positions, (resolve_index(None) or 0) - base, pack))
+        elif positions:
+            indices = [_position_index(positions, (resolve_index(None) or 0) - base)]
         elif spec.is_array:
-            index = resolve_index(index)
-        inst = store.get_task_instance(run_id, task, index)
+            indices = [resolve_index(index)]
+        insts = [store.get_task_instance(run_id, task, i) for i in indices]
     finally:
         store.close()
-    if inst is None:
-        raise StoreError(f"run {run_id!r} has no instance {task}[{index}]")
+    missing = [i for i, inst in zip(indices, insts) if inst is None]
+    if missing:
+        raise StoreError(f"run {run_id!r} has no instance {task}[{missing[0]}]")
     results = _results_dir(run_dir, run_id)
-    resolved = _resolve_deferred(wf, spec, params, inst, store_path, results) if _is_deferred(inst) else None
-    return _execute_instance(spec, params, inst, results, resolved)
+    job = _ElementRunner(wf, spec, params, results, store_path)
+    if pack is None:
+        return 0 if job.run(typing.cast(Dict[str, Any], insts[0]))["state"] == TaskState.SUCCESS.value else 1
+    return _run_chunk(job, typing.cast(List[Dict[str, Any]], insts), slots)
+
+
+class _ElementRunner:
+    """Runs one instance of a task in this process and writes its result file."""
+
+    def __init__(self, wf: "Workflow", spec: TaskSpec, params: Mapping[str, Any], results: Path,
+                 store_path: Union[str, Path]) -> None:
+        self.wf, self.spec, self.params, self.results, self.store_path = wf, spec, params, results, store_path
+
+    def run(self, inst: Mapping[str, Any]) -> Dict[str, Any]:
+        """Resolve (if forward-submitted) and run one instance; return its result record."""
+        resolved = (_resolve_deferred(self.wf, self.spec, self.params, inst, self.store_path, self.results)
+                    if _is_deferred(inst) else None)
+        return _execute_instance(self.spec, self.params, inst, self.results, resolved)
+
+    def run_marked(self, inst: Mapping[str, Any]) -> Dict[str, Any]:
+        """Run one instance between marker lines on stdout and stderr (see :func:`element_log_lines`)."""
+        name = f"{self.spec.name}[{'' if inst['array_index'] is None else inst['array_index']}]"
+        _print_marks(f"{ELEMENT_MARK} {name} start")
+        started = time.monotonic()
+        record = self.run(inst)
+        _print_marks(f"{ELEMENT_MARK} {name} end {record['state']} {time.monotonic() - started:.3f}s")
+        return record
+
+    def fail_dead(self, inst: Mapping[str, Any], why: str) -> None:
+        """Write the FAILED result of an instance whose pool process died while running it."""
+        stem = _result_name(self.spec.name, inst["array_index"], inst["attempt"])
+        record = {"instance_id": inst["id"], "attempt": inst["attempt"], "task_name": self.spec.name,
+                  "array_index": inst["array_index"], "job_id": _current_job_id(), "finished_at": _utcnow(),
+                  "state": TaskState.FAILED.value, "output": None, "output_hash": "",
+                  "error_text": f"the process running it died ({why})", "reason": why}
+        _atomic_write(self.results / f"{stem}.json", json.dumps(record, separators=(",", ":")))
+
+
+def _print_marks(line: str) -> None:
+    """Write one marker line to stdout and stderr, flushed."""
+    for stream in (sys.stdout, sys.stderr):
+        print(line, file=stream, flush=True)
+
+
+@contextlib.contextmanager
+def _stop_request(forward_to: Sequence[int] = ()) -> Iterator[Dict[str, int]]:
+    """Record SIGTERM/SIGINT in the yielded dict (``signum``) instead of dying; restore the handlers after.
+
+    The signal is passed on to the processes ``forward_to`` (a pool's
+    children, which a signal sent to this process alone would miss).
+    """
+    seen: Dict[str, int] = {}
+
+    def note(signum: int, frame: Any) -> None:
+        seen["signum"] = signum
+        for pid in forward_to:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
+
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):
+            previous[signum] = signal.signal(signum, note)
+    try:
+        yield seen
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_chunk(job: _ElementRunner, insts: List[Dict[str, Any]], slots: int) -> int:
+    """Run a chunk of instances; return 1 if any failed.
+
+    Each element writes its own result; a failing element does not stop
+    the others.  A stop signal ends the chunk: the running element records
+    INTERRUPTED, the ones not started keep no result (the dispatcher fails
+    them with the job's reason once the job ended).  With ``slots > 1`` the
+    elements run in that many forked processes.
+    """
+    if slots > 1 and len(insts) > 1 and hasattr(os, "fork"):
+        return _run_chunk_forked(job, insts, min(slots, len(insts)))
+    failed = False
+    with _stop_request() as stop:
+        for inst in insts:
+            if stop:
+                break
+            record = job.run_marked(inst)
+            failed |= record["state"] != TaskState.SUCCESS.value
+            if record.get("reason") == INTERRUPTED:
+                break
+    return 1 if failed or stop else 0
+
+
+def _run_chunk_forked(job: _ElementRunner, insts: List[Dict[str, Any]], slots: int) -> int:
+    """Run a chunk in ``slots`` forked processes that take elements from a shared counter.
+
+    Fork (not spawn) keeps the user's module and functions as they are in
+    this process.  A shared byte per element says 0 waiting, 1 running,
+    2 done, 3 failed; an element left running by a process that died
+    (OOM, kill -9) gets a FAILED result naming the signal here.
+    """
+    import multiprocessing  # lazy: only packed jobs with cpus > 1 need it
+
+    ctx = multiprocessing.get_context("fork")
+    counter = ctx.Value("i", 0)
+    states = ctx.RawArray("b", len(insts))
+    children: List[int] = []
+    with _stop_request(children) as stop:
+        for _ in range(slots):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child
+                os._exit(_pool_child(job, insts, counter, states))
+            children.append(pid)
+        codes = [os.waitpid(pid, 0)[1] for pid in children]
+    dead = [_exit_reason(-os.WTERMSIG(code)) for code in codes if os.WIFSIGNALED(code)]
+    for offset, inst in enumerate(insts):
+        if states[offset] == 1:
+            job.fail_dead(inst, dead[0] if dead else "exit without a result")
+    return 1 if stop or any(states[i] != 2 for i in range(len(insts))) else 0
+
+
+def _pool_child(job: _ElementRunner, insts: List[Dict[str, Any]], counter: Any, states: Any) -> int:
+    """Body of one forked pool process: run elements until none is left or a stop signal came."""
+    try:
+        with _stop_request() as stop:
+            while not stop:
+                with counter.get_lock():
+                    offset = counter.value
+                    counter.value += 1
+                if offset >= len(insts):
+                    break
+                states[offset] = 1
+                record = job.run_marked(insts[offset])
+                states[offset] = 2 if record["state"] == TaskState.SUCCESS.value else 3
+                if record.get("reason") == INTERRUPTED:
+                    break
+        return 0
+    except BaseException:  # never unwind into the parent's code from a forked child
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def _is_deferred(inst: Mapping[str, Any]) -> bool:
@@ -6735,8 +7093,8 @@ def _resolve_deferred(wf: "Workflow", spec: TaskSpec, params: Mapping[str, Any],
 
 
 def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[str, Any], results: Path,
-                      resolved: Optional[Dict[str, Any]] = None) -> int:
-    """Call the task function for one instance and write its result file.
+                      resolved: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Call the task function for one instance, write its result file and return the record.
 
     ``resolved`` carries the inputs, identity and possible cache hit of a
     forward-submitted instance; they go into the result for the dispatcher.
@@ -6756,8 +7114,7 @@ def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[s
     record = _write_result(results / f"{stem}.json", dict(base, finished_at=_utcnow(), **outcome))
     if record["state"] != TaskState.SUCCESS.value:
         print(record["error_text"], file=sys.stderr)
-        return 1
-    return 0
+    return record
 
 
 def _write_result(path: Path, record: Dict[str, Any]) -> Dict[str, Any]:
@@ -6917,6 +7274,12 @@ class _Dispatcher:
         self.interrupted: set = set()
         self._wire_modes: Optional[Dict[Tuple[str, str], WireMode]] = None
         self.waiting_for_grace = False
+        self.started = time.monotonic()
+        self.own_job = _current_job_id() if os.environ.get(JOB_ENV_MARKER) else ""
+        self.guard: Optional[str] = None  # dispatch job armed after this one while it runs work inline
+        self.inline_deferred = False  # inline work left for a dispatch job (this one is not a batch job)
+        self._packs: Dict[str, Tuple[int, int]] = {}
+        self._medians: Dict[str, Optional[float]] = {}
 
     def cycle(self) -> Dict[str, int]:
         """Run one cycle; return counts of what it did.
@@ -6955,6 +7318,7 @@ class _Dispatcher:
             self._adopt_pending()
         with self.store.transaction():
             batches = self._plan()
+        batches = self._cap(self._run_inline_work(batches))
         submitted = self._submit(batches)
         _crash_point("after-submit")
         submitted += self._forward()
@@ -7128,7 +7492,7 @@ class _Dispatcher:
 
     # ------------------------------------------------------------- plan
 
-    def _plan(self) -> List[Tuple[TaskSpec, List[Tuple[int, Optional[int]]]]]:
+    def _plan(self) -> List[Tuple[TaskSpec, List[Tuple[int, Optional[int], int]]]]:
         """Create instances of ready tasks; return what to submit, per task."""
         planner = _Planner(self.wf, self.store, self.run_id, self.params, self.verify)
         specs = {spec["task_name"]: spec for spec in self.store.get_task_specs(self.run_id)}
@@ -7149,7 +7513,7 @@ class _Dispatcher:
             if todo:
                 ordered = sorted(todo, key=lambda row: (row[3] != "RETRYING", row[2] if row[2] is not None else -1))
                 batches.append((spec, [(row[0], row[2], row[5]) for row in ordered]))
-        return self._cap(batches)
+        return batches
 
     def _expand(self, planner: _Planner, spec: TaskSpec) -> int:
         """Insert the instances of a task (cache hits included); return its width.
@@ -7166,19 +7530,150 @@ class _Dispatcher:
         return len(rows)
 
     def _cap(self, batches):
-        """Keep only what ``max_submit_jobs`` allows (lowest indices first)."""
+        """Keep only what ``max_submit_jobs`` allows (lowest indices first).
+
+        The cap counts batch jobs: a packed chunk of K elements is one job.
+        """
         cap = self.wf.config.max_submit_jobs
         if not cap:
             return batches
-        queued = self.store.count_task_instances(self.run_id, states=["SUBMITTED", "RUNNING"])
+        queued = len({row[4] or row[0] for row in self.store.instance_rows(self.run_id,
+                                                                           states=["SUBMITTED", "RUNNING"])})
         room = max(0, cap - queued - 1)
         kept = []
         for spec, rows in batches:
             if room <= 0:
                 break
-            kept.append((spec, rows[:room]))
-            room -= len(kept[-1][1])
+            pack = self._packing(spec, len(rows))[0]
+            kept.append((spec, rows[:room * pack]))
+            room -= -(-len(kept[-1][1]) // pack)
         return kept
+
+    # ---------------------------------------------------------- packing
+
+    def _packing(self, spec: TaskSpec, width: int) -> Tuple[int, int]:
+        """Return (elements per job, slots) of a task in this cycle (see ``elements_per_job``)."""
+        if spec.name not in self._packs:
+            setting = spec.config.elements_per_job
+            if not spec.is_array or setting == 1:
+                self._packs[spec.name] = (1, 1)
+            else:
+                pack = choose_elements_per_job(width, spec.config.cpus, self.wf.config.max_submit_jobs,
+                                               self._median(spec)) if setting == "auto" else int(setting)
+                pack, slots, _, _ = pack_limits(spec.config.time, spec.config.mem, pack, spec.config.cpus,
+                                                self.wf.config.pack_max_time)
+                self._packs[spec.name] = (pack, slots)
+        return self._packs[spec.name]
+
+    def _median(self, spec: TaskSpec) -> Optional[float]:
+        """Return the median element duration of a task measured in earlier runs, or None."""
+        if spec.name not in self._medians:
+            durations = self.store.task_durations(self.run["graph_name"], spec.name, self.run_id)
+            self._medians[spec.name] = _median(durations)
+        return self._medians[spec.name]
+
+    # ----------------------------------------------------------- inline
+
+    def _inline_budget(self) -> float:
+        """Return the seconds this dispatch job may still spend on inline work."""
+        try:
+            walltime = parse_time(self.wf.config.dispatch_time or "00:10:00")
+        except ValueError:
+            return 0.0
+        return walltime - (time.monotonic() - self.started) - INLINE_MARGIN_SECONDS
+
+    def _runs_inline(self, spec: TaskSpec, rows: Sequence[Tuple]) -> bool:
+        """Tell whether a batch runs inside a dispatch job (``inline``) instead of as jobs."""
+        setting = spec.config.inline
+        if not setting or self._inline_budget() <= 0:
+            return False
+        if setting is True:
+            return True
+        if spec.config.cpus > self.wf.config.dispatch_cpus:
+            return False
+        median = self._median(spec)
+        slots = max(1, min(self.wf.config.dispatch_cpus, len(rows)))
+        return median is not None and median * len(rows) / slots <= min(INLINE_AUTO_SECONDS, self._inline_budget())
+
+    def _run_inline_work(self, batches):
+        """Run inline batches here, then ingest and plan again, until only job batches are left; return those.
+
+        Only a dispatcher that is itself a reflow batch job runs work inline;
+        one started from a login shell (``submit``) leaves it to the dispatch
+        job it arms at once, so nothing of the user's runs outside batch jobs.
+        """
+        while True:
+            inline = [(spec, rows) for spec, rows in batches if self._runs_inline(spec, rows)]
+            if not inline:
+                return batches
+            if not self.own_job:
+                self.inline_deferred = True
+                return [(spec, rows) for spec, rows in batches if all(spec is not s for s, _ in inline)]
+            timed_out: set = set()
+            for spec, rows in inline:
+                timed_out |= self._run_inline(spec, rows)
+            files = self._list_result_files()
+            with self.store.transaction():
+                self._ingest(files)
+                stopped = sorted(self.interrupted & timed_out)  # INTERRUPTED by our own timeout
+                if stopped:
+                    self.store.set_reasons([(instance_id, "TIMEOUT") for instance_id in stopped])
+                self._auto_retry()
+            self._delete(files)
+            with self.store.transaction():
+                batches = self._plan()
+
+    def _run_inline(self, spec: TaskSpec, rows: List[Tuple[int, Optional[int], int]]) -> set:
+        """Run one batch in a worker process of this dispatch job; fail the instances it left without a result.
+
+        Returns the batch's instance ids when the worker had to be stopped
+        at the end of the inline budget (an empty set otherwise).
+
+        A follow-up dispatch job is armed first (afterany on this job), so a
+        dispatcher killed mid-way (walltime, kill -9) is still followed by one
+        that fails the unfinished instances with the scheduler's reason.
+        """
+        if self.guard is None:
+            self.guard = start_dispatch_job(self.store, self.run_id, verify=self.verify, executor=self.executor,
+                                            config=self.wf.config, after=[self.own_job])
+        rows = sorted(rows, key=lambda row: -1 if row[1] is None else row[1])
+        self.store.mark_submitted([(row[0], self.own_job) for row in rows])
+        slots = max(1, min(self.wf.config.dispatch_cpus, len(rows)))
+        extra = ["--pack", str(len(rows)), "--slots", str(slots)]
+        env = dict(os.environ, REFLOW_JOB_ID=self.own_job)
+        if spec.is_array and rows[0][1] is not None:
+            indices = [row[1] for row in rows if row[1] is not None]
+            extra += ["--positions", self._positions_arg(spec, indices), "--base", "0"]
+            env["REFLOW_ARRAY_INDEX"] = "0"
+        command = _job_command(self.params, "worker", self.run_id, "--task", spec.name, *extra)
+        code = self._run_inline_process(spec, command, env)
+        missing = [row[0] for row in rows
+                   if not (self.results / f"{_result_name(spec.name, row[1], row[2])}.json").exists()]
+        if missing:
+            reason = "TIMEOUT" if code is None else _exit_reason(code) if code else "NO_RESULT"
+            self.store.fail_instances(missing, f"inline worker in dispatch job {self.own_job} ended without a "
+                                               f"result ({reason})", reason)
+        return {row[0] for row in rows} if code is None else set()
+
+    def _run_inline_process(self, spec: TaskSpec, command: List[str], env: Dict[str, str]) -> Optional[int]:
+        """Run an inline worker with its output in the task's log files; return its exit code (None: timed out)."""
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        job = re.sub(r"[^\w.-]", "_", self.own_job)  # the name _log_entry looks for
+        stem = logs / f"{spec.name}-{job}"
+        with open(f"{stem}.out", "ab") as out, open(f"{stem}.err", "ab") as err:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.run_dir,
+                                    env=env)
+            try:
+                return proc.wait(timeout=max(1.0, self._inline_budget()))
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                return None
 
     # ----------------------------------------------------------- submit
 
@@ -7206,15 +7701,17 @@ class _Dispatcher:
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name)
             return [(rows[0][0], self._submit_or_adopt(resources, command, None, None)[0])]
         pairs: List[Tuple[int, str]] = []
-        size = max(1, self.executor.max_array_size)
+        pack, slots = self._packing(spec, len(rows))
+        packing = ["--pack", str(pack), "--slots", str(slots)] if pack > 1 else []
+        size = max(1, self.executor.max_array_size) * pack
         for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
+            chunk = sorted(rows[start:start + size], key=lambda row: row[1] if row[1] is not None else -1)
             positions = self._positions_arg(spec, [row[1] for row in chunk if row[1] is not None])
             command = _job_command(self.params, "worker", self.run_id, "--task", spec.name, "--positions",
-                                   positions, "--base", str(self.executor.array_base))
-            resources = self._resources(spec, chunk[0], array=True, after=after)
-            ids = self._submit_or_adopt(resources, command, len(chunk), spec.config.array_parallelism)
-            pairs.extend((row[0], job_id) for row, job_id in zip(chunk, ids))
+                                   positions, "--base", str(self.executor.array_base), *packing)
+            resources = self._resources(spec, chunk[0], array=True, after=after, pack=pack)
+            ids = self._submit_or_adopt(resources, command, -(-len(chunk) // pack), spec.config.array_parallelism)
+            pairs.extend((row[0], ids[offset // pack]) for offset, row in enumerate(chunk))
         return pairs
 
     def _submit_or_adopt(self, resources: JobResources, command: List[str], size: Optional[int],
@@ -7258,12 +7755,16 @@ class _Dispatcher:
         return f"@{path}"
 
     def _resources(self, spec: TaskSpec, first: Tuple[int, Optional[int], int], array: bool,
-                   after: Optional[Dict[str, Any]] = None) -> JobResources:
+                   after: Optional[Dict[str, Any]] = None, pack: int = 1) -> JobResources:
         """Return the job resources of a task: decorator > config submit options (+ dependency).
 
         The job name carries the run, task, attempt and first index of the
         wave (``<wf>-<task>-<run>-a<attempt>-<index>``), so it can be adopted.
+        A packed job's walltime and memory scale as :func:`pack_limits` says.
         """
+        time_limit, mem = spec.config.time, spec.config.mem
+        if pack > 1:
+            _, _, time_limit, mem = pack_limits(time_limit, mem, pack, spec.config.cpus, self.wf.config.pack_max_time)
         options = dict(self.wf.config.submit_options)
         options.update(spec.config.submit_options)
         options.update(after or {})
@@ -7271,8 +7772,8 @@ class _Dispatcher:
         suffix = "{job_id}_{array_index}" if array else "{job_id}"
         return JobResources(
             job_name=self._job_name(spec, first[1], first[2]),
-            cpus=spec.config.cpus, time_limit=spec.config.time,
-            mem=spec.config.mem, output_path=str(logs / f"{spec.name}-{suffix}.out"),
+            cpus=spec.config.cpus, time_limit=time_limit,
+            mem=mem, output_path=str(logs / f"{spec.name}-{suffix}.out"),
             error_path=str(logs / f"{spec.name}-{suffix}.err"), submit_options=options, workdir=str(self.run_dir),
             gpus=int(options.pop("gpus", 0) or 0),
         )
@@ -7412,14 +7913,18 @@ class _Dispatcher:
             self.store.update_run_status(self.run_id, status)
 
     def _rearm(self) -> None:
-        """Submit the follow-up dispatch job while anything is still active."""
+        """Submit the follow-up dispatch job while anything is still active (first cancel the inline guard)."""
+        if self.guard is not None:
+            with contextlib.suppress(ExecutorError):
+                self.executor.cancel(self.guard)
+            self.guard = None
         if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
             return
         active = self.store.count_task_instances(self.run_id, states=sorted(TaskState.active()))
         if not active:
             return
         after = sorted(set(self.live_jobs) | set(self.submitted))
-        delay = 0 if after else max(1, int(self.grace) if self.waiting_for_grace else 2)
+        delay = 0 if after or self.inline_deferred else max(1, int(self.grace) if self.waiting_for_grace else 2)
         try:
             start_dispatch_job(self.store, self.run_id, verify=self.verify, executor=self.executor,
                                config=self.wf.config, after=after, delay=delay)
@@ -7787,7 +8292,7 @@ class Workflow(Flow):
     def worker(self, run_id: str, store: "Store", run_dir: Union[str, Path], task_name: str,
                index: Optional[int] = None, positions: Optional[str] = None, base: int = 0) -> int:
         """Execute one task instance inside a job; return 0 on success, 1 on failure."""
-        return run_worker(self, run_id, store.path, run_dir, task_name, index, positions, base)
+        return run_worker(self, run_id, store.path, run_dir, task_name, index, positions, base)  # one instance
 
     # ------------------------------------------------ recorded runs
 
@@ -8474,11 +8979,6 @@ def _duration_table(status: Mapping[str, Any], by_task: Mapping[str, List[Mappin
     return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
 
 
-def _median(values: Sequence[float]) -> float:
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
-
-
 def _failure_table(status: Mapping[str, Any], failures: Sequence[Mapping[str, Any]]) -> str:
     """Return failures grouped by reason, then one row per failed element (up to REPORT_FAILURE_ROWS)."""
     total = len(status["failed_instances"])
@@ -8727,6 +9227,8 @@ def _build_job_parser(command: str) -> _ArgumentParser:
         parser.add_argument("--index", type=int)
         parser.add_argument("--positions")
         parser.add_argument("--base", type=int, default=0)
+        parser.add_argument("--pack", type=int)
+        parser.add_argument("--slots", type=int, default=1)
     return parser
 
 
@@ -9002,7 +9504,7 @@ def _format_log_entry(entry: Mapping[str, Any]) -> List[str]:
     lines = [f"{label}  {entry['state']}  attempt {entry['attempt']}  job={entry['job_id'] or '-'}"
              f"{exit_text}{signal_text}  {entry['reason']}".rstrip()]
     lines += [f"    {name}: {entry[name]}" for name in ("stdout", "stderr") if entry[name]]
-    tail = entry["stderr_tail"] or entry["error_tail"]
+    tail = entry["element_log"] or entry["stderr_tail"] or entry["error_tail"]
     lines += [f"    | {line}" for line in tail]
     return lines
 
@@ -9122,7 +9624,8 @@ def _cmd_worker(args: argparse.Namespace, wf: Workflow) -> int:
     if run_dir is None:
         with SqliteStore(store_path, readonly=True) as store:
             run_dir = store.get_run_parameters(args.run_id)[P_RUN_DIR]
-    return run_worker(wf, args.run_id, store_path, run_dir, args.task, args.index, args.positions, args.base)
+    return run_worker(wf, args.run_id, store_path, run_dir, args.task, args.index, args.positions, args.base,
+                      args.pack, args.slots)
 
 
 _COMMANDS: Dict[str, Callable[[argparse.Namespace, Any], int]] = {

@@ -293,7 +293,7 @@ class DefinitionTest(unittest.TestCase):
         self.assertEqual((spec.config.cpus, spec.config.partition), (2, "short"))
         self.assertEqual(sorted(reflow.dataclasses.asdict(spec.config)), sorted(
             ["cpus", "time", "mem", "array", "after", "array_parallelism", "submit_options", "version", "cache",
-             "backend", "retries"]))
+             "backend", "retries", "elements_per_job", "inline"]))
 
     def test_reprs(self) -> None:
         self.assertEqual(repr(Result(step="a")), "Result(step='a')")
@@ -3791,6 +3791,59 @@ if __name__ == "__main__":
     raise SystemExit(wf.cli())
 """
 
+#: Seven elements packed three per job; element 4 fails until FIXED exists.
+_BK_PACKED = """
+import os
+from reflow import Result, Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M")
+def seed() -> list[int]:
+    return list(range(7))
+
+
+@wf.job(array=True, mem="200M", time="00:02:00", elements_per_job=3)
+def square(x: int = Result(step="seed")) -> int:
+    print(f"squaring {x}")
+    if x == 4 and not os.path.exists(FIXED):
+        raise RuntimeError(f"boom at {x}")
+    return x * x
+
+
+FIXED = "FIXEDPATH"
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+#: A tiny pipeline run entirely inside the dispatch job (inline=True).
+_BK_INLINE = """
+from reflow import Result, Workflow
+
+wf = Workflow("WFNAME")
+
+
+@wf.job(mem="200M", inline=True)
+def seed() -> list[int]:
+    return list(range(5))
+
+
+@wf.job(array=True, mem="200M", inline=True)
+def square(x: int = Result(step="seed")) -> int:
+    return x * x
+
+
+@wf.job(mem="200M", inline=True)
+def total(values: list[int] = Result(step="square")) -> int:
+    return sum(values)
+
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
 #: Two elements that note their pid in MARKS, then sleep for a long time.
 _BK_SLEEPY = """
 import os, time
@@ -4242,6 +4295,62 @@ class _BackendScenarios:
             counts = self.count_calls(self.calls()[before:], module.wf.name)
             self.assertEqual(counts["tasks"], ["square"], f"{counts}\n{self.diagnose(run)}")
             self.assertEqual(self.element_calls(self.calls()), [])
+
+    def test_g_packed_elements_fail_alone_then_retry(self) -> None:
+        """Seven elements in three packed jobs: one fails alone, its log slice shows it, retry re-runs only it."""
+        fixed = self.tmp / "fixed"
+        module = self.flow(_BK_PACKED, "packed", FIXEDPATH=str(fixed))
+        run = self.submit(module)
+        self.wait(run, self.PIPELINE_TIMEOUT, "FAILED")
+        store, rid = run.store, run.run_id
+        self.assertEqual(store.task_state_summary(rid)["square"], {"SUCCESS": 6, "FAILED": 1}, self.diagnose(run))
+        failed = store.get_task_instance(rid, "square", 4)
+        self.assertIn("boom at 4", failed["error_text"])
+        jobs = {inst["array_index"]: inst["job_id"] for inst in store.list_task_instances(rid, "square")}
+        self.assertEqual([len({jobs[i] for i in chunk}) for chunk in ((0, 1, 2), (3, 4, 5), (6,))], [1, 1, 1], jobs)
+        self.assertEqual(len(set(jobs.values())), 3, jobs)
+
+        def failed_slice():  # whichever packed job's log holds element 4 (log names differ per scheduler)
+            logs = sorted((Path(run.run_dir) / "logs").glob("square-*"))
+            lines = [line for path in logs for line in reflow.element_log_lines(path, "square", 4)]
+            return lines if any("boom at 4" in line for line in lines) else None
+
+        text = "\n".join(self.until(failed_slice, 30, "the failed element's log slice", run))
+        self.assertIn("squaring 4", text)
+        self.assertNotIn("squaring 3", text)
+        if self.COMMANDS:
+            counts = self.count_calls(self.calls(), module.wf.name)
+            self.assertEqual(sorted(counts["tasks"]), ["seed", "square"], counts)
+            self.assertEqual(self.element_calls(self.calls()), [])
+        fixed.write_text("ok")
+        before = len(self.calls())
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(run.retry(), 1)
+        self.wait(run, self.PIPELINE_TIMEOUT, "SUCCESS")
+        attempts = {inst["array_index"]: inst["attempt"] for inst in store.list_task_instances(rid, "square")}
+        self.assertEqual(attempts, {**{i: 0 for i in range(7)}, 4: 1})
+        self.assertEqual(store.get_array_outputs(rid, "square"), [i * i for i in range(7)])
+        if self.COMMANDS:
+            self.assertEqual(self.count_calls(self.calls()[before:], module.wf.name)["tasks"], ["square"])
+
+    def test_h_inline_pipeline_runs_in_the_dispatch_job(self) -> None:
+        """inline=True: the first dispatch job runs all three tasks itself; no task job is submitted."""
+        module = self.flow(_BK_INLINE, "inline")
+        run = self.submit(module)
+        self.wait(run, self.PIPELINE_TIMEOUT, "SUCCESS")
+        store, rid = run.store, run.run_id
+        self.assertEqual(store.get_singleton_output(rid, "total"), 30)
+        jobs = {inst["job_id"] for inst in store.list_task_instances(rid)}
+        self.assertEqual(len(jobs), 1, f"every instance ran in one dispatch job\n{self.diagnose(run)}")
+        if self.COMMANDS:  # the guard armed before the inline work is cancelled just after the run ended
+            self.until(lambda: self.count_calls(self.calls(), module.wf.name)["cancel"], 30, "the guard's cancel", run)
+            counts = self.count_calls(self.calls(), module.wf.name)
+            self.assertEqual(counts["tasks"], [], counts)
+            self.assertEqual(counts["cancel"], 1, counts)
+            self.assertEqual(counts["dispatch"], 2, counts)
+        else:
+            names = self.local_submits(run)
+            self.assertEqual(set(names), {f"{module.wf.name}-dispatch"}, names)
 
     def test_c_cancel_mid_run(self) -> None:
         """Cancel while the elements run: the run and its instances end CANCELLED and the queue is clean."""
@@ -6218,6 +6327,424 @@ def _with_env(**values: str):
         with mock_env(**values):
             return function()
     return runner
+
+
+# =============================================================================
+# Packing array elements (issue 7)
+# =============================================================================
+
+#: A 3-stage pipeline whose array packs PACK elements per job (CPUS at once);
+#: element FAIL_AT fails until FIXED exists; NAP seconds of sleep in element SLOW_AT.
+_PACKED_FLOW = """
+import os, time
+from pathlib import Path
+from reflow import Result, Workflow
+
+wf = Workflow("packed")
+
+@wf.job(inline=INLINE)
+def prepare(n: int = 7) -> list[int]:
+    return list(range(n))
+
+@wf.job(array=True, elements_per_job=PACK, cpus=CPUS, time=WALLTIME, mem="100M", inline=INLINE)
+def square(x: int = Result(step="prepare")) -> int:
+    print(f"squaring {x} in {os.getpid()}")
+    if os.environ.get("MARKS"):
+        Path(os.environ["MARKS"], f"{x}.pid").write_text(str(os.getpid()))
+    if x == int(os.environ.get("SLOW_AT", "-1")):
+        time.sleep(float(os.environ.get("NAP", "0")))
+    if x == int(os.environ.get("FAIL_AT", "-1")) and not os.path.exists(os.environ.get("FIXED", "/nonexistent")):
+        raise RuntimeError(f"boom at {x}")
+    return x * x
+
+@wf.job(inline=INLINE)
+def total(values: list[int] = Result(step="square")) -> int:
+    return sum(values)
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+
+def _packed_flow(directory: Path, pack: Any = 3, cpus: int = 1, inline: Any = False, walltime: str = "00:01:00"):
+    """Load _PACKED_FLOW with the given packing options."""
+    source = (_PACKED_FLOW.replace("PACK", repr(pack)).replace("CPUS", str(cpus))
+              .replace("INLINE", repr(inline)).replace("WALLTIME", repr(walltime)))
+    return load_flow(directory, source)
+
+
+class _RecordingExecutor(reflow.Executor):
+    """Records every submission; nothing runs and every job stays PENDING."""
+
+    name = "recorder"
+    max_array_size = 1000
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[Tuple[Any, List[str], str]] = []
+
+    def submit(self, resources, command):
+        self.calls.append((resources, [str(word) for word in command], f"job{len(self.calls)}"))
+        return self.calls[-1][2]
+
+    def cancel(self, job_id):
+        pass
+
+    def job_state(self, job_id):
+        return "PENDING"
+
+    def job_infos(self, job_ids):
+        return {job_id: reflow.executors.JobInfo("PENDING") for job_id in job_ids}
+
+    def task_calls(self, task: str) -> List[Tuple[Any, List[str], str]]:
+        """Return the recorded submissions of one task's worker."""
+        return [call for call in self.calls if "worker" in call[1] and call[1][call[1].index("--task") + 1] == task]
+
+
+class PackRuleTest(unittest.TestCase):
+    """The documented rules: auto packing, walltime and memory scaling, option checks."""
+
+    def test_auto_packing_rule_with_synthetic_durations(self) -> None:
+        choose = reflow.choose_elements_per_job
+        self.assertEqual(choose(1000, median_seconds=120.0), 1)  # long elements: never packed
+        self.assertEqual(choose(1000, median_seconds=60.0), 1)
+        self.assertEqual(choose(1000, median_seconds=2.0), 150)  # 300 s target / 2 s
+        self.assertEqual(choose(1000, cpus=4, median_seconds=2.0), 600)  # four at once
+        self.assertEqual(choose(40, median_seconds=0.01), 40)  # at most the width
+        self.assertEqual(choose(1, median_seconds=0.01), 1)
+        self.assertEqual(choose(1000), 1)  # no history, no cap: as before
+        self.assertEqual(choose(50, max_submit_jobs=100), 1)  # fits the cap
+        self.assertEqual(choose(1000, max_submit_jobs=100), 10)  # the whole width fits the cap
+        self.assertEqual(choose(1000, max_submit_jobs=10, median_seconds=2.0), 150)
+        self.assertEqual(choose(100_000, max_submit_jobs=10, median_seconds=2.0), 10_000)
+        self.assertEqual(choose(1000, max_submit_jobs=10, median_seconds=90.0), 1)
+
+    def test_walltime_and_memory_scale_with_the_pack(self) -> None:
+        limits = reflow.pack_limits
+        day = reflow.parse_time("24:00:00")
+        self.assertEqual(limits("00:10:00", "1G", 1, 4, day), (1, 1, "00:10:00", "1G"))
+        self.assertEqual(limits("00:10:00", "1G", 6, 1, day), (6, 1, "01:00:00", "1G"))
+        self.assertEqual(limits("00:10:00", "1G", 6, 3, day), (6, 3, "00:20:00", f"{3 * 1024 ** 2}K"))
+        self.assertEqual(limits("00:10:00", "1G", 7, 3, day), (7, 3, "00:30:00", f"{3 * 1024 ** 2}K"))
+        self.assertEqual(limits("00:10:00", "1G", 2, 8, day), (2, 2, "00:10:00", f"{2 * 1024 ** 2}K"))
+        hour = reflow.parse_time("01:00:00")
+        self.assertEqual(limits("00:10:00", "1G", 20, 1, hour)[:3], (6, 1, "01:00:00"))  # shrinks, never too short
+        self.assertEqual(limits("00:10:00", "1G", 20, 2, hour)[:3], (12, 2, "01:00:00"))
+        self.assertEqual(limits("02:00:00", "1G", 5, 1, hour)[:3], (1, 1, "02:00:00"))
+
+    def test_option_checks_and_description(self) -> None:
+        wf = reflow.Workflow("opts")
+
+        @wf.job()
+        def seed() -> list:
+            return [1]
+
+        for bad, text in ((0, "elements_per_job"), ("fast", "elements_per_job"), (True, "elements_per_job")):
+            with self.subTest(bad=bad), self.assertRaisesRegex(ValueError, text):
+                wf.job(array=True, elements_per_job=bad)(lambda x=reflow.Result(step="seed"): x)
+        with self.assertRaisesRegex(ValueError, "needs array=True"):
+            wf.job(elements_per_job=4)(lambda: 1)
+        with self.assertRaisesRegex(ValueError, "inline must be"):
+            wf.job(inline="sometimes")(lambda: 1)
+
+        @wf.array_job(elements_per_job="auto", inline="auto")
+        def one(x: int = reflow.Result(step="seed")) -> int:
+            return x
+
+        config = next(t["config"] for t in wf.describe()["tasks"] if t["name"] == "one")
+        self.assertEqual((config["elements_per_job"], config["inline"]), ("auto", "auto"))
+        self.assertEqual((wf.tasks["seed"].config.elements_per_job, wf.tasks["seed"].config.inline), (1, False))
+
+    def test_pack_max_time_setting(self) -> None:
+        self.assertEqual(reflow.Config().pack_max_time, 86400)
+        self.assertEqual(reflow.Config({"executor": {"pack_max_time": "02:00:00"}}).validate().pack_max_time, 7200)
+        with mock_env(REFLOW_PACK_MAX_TIME="bad"), self.assertRaisesRegex(reflow.ConfigError, "REFLOW_PACK_MAX_TIME"):
+            print(reflow.Config().pack_max_time)
+
+    def test_element_log_lines_slices_one_element(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            log = Path(tmp) / "square-1_0.out"
+            log.write_text("==> reflow element square[3] start\nthree\n==> reflow element square[3] end SUCCESS 0.1s\n"
+                           "==> reflow element square[13] start\nthirteen\n"
+                           "==> reflow element square[13] end FAILED 0.2s\n")
+            self.assertEqual(reflow.element_log_lines(log, "square", 3),
+                             ["==> reflow element square[3] start", "three",
+                              "==> reflow element square[3] end SUCCESS 0.1s"])
+            self.assertEqual(reflow.element_log_lines(log, "square", 13)[1], "thirteen")
+            self.assertEqual(reflow.element_log_lines(log, "square", 4), [])
+            self.assertEqual(reflow.element_log_lines(Path(tmp) / "missing", "square", 3), [])
+
+
+class PackDispatchTest(TempDirTest):
+    """The dispatcher's side against a recording executor: chunk mapping, caps, cache, history."""
+
+    def _to_square(self, module, executor: _RecordingExecutor, n: int, store=None):
+        """Submit, finish prepare through its result file, run one cycle; return the run."""
+        store = store or self.store()
+        run = module.wf.submit(self.tmp / f"run{len(executor.calls)}", store=store, executor=executor, n=n)
+        inst = store.get_task_instance(run.run_id, "prepare", None)
+        if inst["state"] != "SUCCESS":
+            output = list(range(n))
+            record = {"instance_id": inst["id"], "attempt": inst["attempt"], "state": "SUCCESS", "output": output,
+                      "output_hash": reflow._hash16(reflow._canonical_json(output)), "error_text": "",
+                      "task_name": "prepare", "array_index": None}
+            results = reflow._results_dir(run.run_dir, run.run_id)
+            results.mkdir(parents=True, exist_ok=True)
+            (results / f"prepare__singleton__{inst['attempt']}.json").write_text(json.dumps(record))
+            module.wf.dispatch(run.run_id, store, run.run_dir, executor=executor)
+        return run
+
+    def test_chunk_mapping_and_scaled_resources(self) -> None:
+        module = _packed_flow(self.tmp, pack=3)
+        fake = _RecordingExecutor()
+        run = self._to_square(module, fake, 7)
+        (resources, argv, array_id), = fake.task_calls("square")
+        self.assertEqual(resources.array, "0-2")  # ceil(7 / 3) scheduler elements
+        self.assertEqual(argv[argv.index("--pack") + 1], "3")
+        self.assertEqual(argv[argv.index("--positions") + 1], "0-6")
+        self.assertEqual((resources.time_limit, resources.mem), ("00:03:00", "100M"))
+        jobs = {inst["array_index"]: inst["job_id"] for inst in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual(jobs, {i: f"{array_id}_{i // 3}" for i in range(7)})
+
+    def test_process_pool_slots_scale_memory(self) -> None:
+        module = _packed_flow(self.tmp, pack=4, cpus=2)
+        fake = _RecordingExecutor()
+        self._to_square(module, fake, 8)
+        (resources, argv, _), = fake.task_calls("square")
+        self.assertEqual((resources.array, argv[argv.index("--slots") + 1]), ("0-1", "2"))
+        self.assertEqual((resources.time_limit, resources.mem), ("00:02:00", f"{200 * 1024}K"))
+
+    def test_unpacked_default_is_unchanged(self) -> None:
+        module = _packed_flow(self.tmp, pack=1)
+        fake = _RecordingExecutor()
+        run = self._to_square(module, fake, 5)
+        (resources, argv, array_id), = fake.task_calls("square")
+        self.assertEqual((resources.array, resources.time_limit, resources.mem), ("0-4", "00:01:00", "100M"))
+        self.assertNotIn("--pack", argv)
+        jobs = [inst["job_id"] for inst in run.store.list_task_instances(run.run_id, "square")]
+        self.assertEqual(jobs, [f"{array_id}_{i}" for i in range(5)])
+
+    def test_max_submit_jobs_counts_packed_jobs(self) -> None:
+        module = _packed_flow(self.tmp, pack=3)
+        fake = _RecordingExecutor()
+        with mock_env(REFLOW_MAX_SUBMIT_JOBS="4"):  # the dispatch job counts: room for 3 jobs
+            run = self._to_square(module, fake, 20)
+            (resources, argv, _), = fake.task_calls("square")
+            self.assertEqual(resources.array, "0-2")
+            self.assertEqual(argv[argv.index("--positions") + 1], "0-8")  # 3 jobs of 3 elements
+            self.assertEqual(run.store.task_state_summary(run.run_id)["square"], {"SUBMITTED": 9, "PENDING": 11})
+            module.wf.dispatch(run.run_id, run.store, run.run_dir, executor=fake)
+            self.assertEqual(len(fake.task_calls("square")), 1, "the cap is full: nothing more is submitted")
+
+    def test_auto_packs_from_the_cap_without_history(self) -> None:
+        module = _packed_flow(self.tmp, pack="auto")
+        fake = _RecordingExecutor()
+        with mock_env(REFLOW_MAX_SUBMIT_JOBS="5"):
+            self._to_square(module, fake, 40)
+        (resources, argv, _), = fake.task_calls("square")
+        self.assertEqual((resources.array, argv[argv.index("--pack") + 1]), ("0-3", "8"))  # 40 / 5 -> 8 per job
+
+    def test_auto_packs_from_measured_durations(self) -> None:
+        module = _packed_flow(self.tmp, pack="auto")
+        store = self.store()
+        earlier = module.wf.run_local(self.tmp / "earlier", store=store, n=5)  # a run with durations
+        rows = store.instance_rows(earlier.run_id, task_name="square")
+        with store.transaction():
+            store._db.executemany("UPDATE task_instances SET started_at = ?, finished_at = ? WHERE id = ?",
+                                  [("2026-01-01T00:00:00+00:00", f"2026-01-01T00:00:0{1 + r[2] % 2}+00:00", r[0])
+                                   for r in rows])
+        self.assertEqual(sorted(store.task_durations("packed", "square")), [1.0, 1.0, 1.0, 2.0, 2.0])
+        fake = _RecordingExecutor()
+        module.wf.tasks["square"].config.version = "2"  # no cache hits: every element runs
+        run = self._to_square(module, fake, 700, store=store)
+        (resources, argv, _), = fake.task_calls("square")
+        self.assertEqual((argv[argv.index("--pack") + 1], resources.array), ("300", "0-2"))  # 300 s / 1 s
+        self.assertEqual(store.task_durations("packed", "square", exclude_run=earlier.run_id), [])
+        self.assertEqual(run.store.get_run(run.run_id)["status"], "RUNNING")
+
+    def test_inline_auto_follows_measured_durations_and_stays_off_the_login_node(self) -> None:
+        module = _packed_flow(self.tmp, pack=1, inline="auto")
+        store = self.store()
+
+        def submitted_tasks(n: int) -> List[str]:
+            fake = _RecordingExecutor()
+            module.wf.submit(self.tmp / f"run{n}", store=store, executor=fake, n=n)
+            return [call[1][call[1].index("--task") + 1] if "--task" in call[1] else call[1][2]
+                    for call in fake.calls]
+
+        self.assertEqual(submitted_tasks(3), ["prepare", "dispatch"])  # no history: a job as before
+        earlier = module.wf.run_local(self.tmp / "earlier", store=store, n=2)
+
+        def set_durations(seconds: str) -> None:
+            with store.transaction():
+                store._db.execute("UPDATE task_instances SET started_at = ?, finished_at = ? WHERE run_id = ?",
+                                  ("2026-01-01T00:00:00+00:00", f"2026-01-01T00:{seconds}+00:00", earlier.run_id))
+
+        set_durations("00:00.001000")
+        self.assertEqual(submitted_tasks(4), ["dispatch"])  # tiny: left to the dispatch job, not run here
+        set_durations("01:40")
+        self.assertEqual(submitted_tasks(5), ["prepare", "dispatch"])  # 100 s: a job of its own
+
+    def test_cached_elements_are_not_packed(self) -> None:
+        module = _packed_flow(self.tmp, pack=3)
+        store = self.store()
+        module.wf.run_local(self.tmp / "earlier", store=store, n=5)
+        fake = _RecordingExecutor()
+        run = self._to_square(module, fake, 9, store=store)
+        (resources, argv, _), = fake.task_calls("square")
+        self.assertEqual(argv[argv.index("--positions") + 1], "5-8")  # the four misses only
+        self.assertEqual(resources.array, "0-1")
+        states = {i["array_index"]: (i["state"], i["cached"]) for i in store.list_task_instances(run.run_id, "square")}
+        self.assertEqual(states, {**{i: ("SUCCESS", 1) for i in range(5)},
+                                  **{i: ("SUBMITTED", 0) for i in range(5, 9)}})
+
+
+class PackLocalTest(TempDirTest):
+    """Packed chunks on the local executor: partial failure, kill -9 mid-chunk, process pool, logs, inline."""
+
+    def test_failing_element_fails_alone_then_retry(self) -> None:
+        fixed = self.tmp / "fixed"
+        module = _packed_flow(self.tmp, pack=3)
+        with mock_env(FAIL_AT="4", FIXED=str(fixed)):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=7)
+            self.assertEqual(run.wait(timeout=120), "FAILED")
+            states = {i["array_index"]: i["state"] for i in run.store.list_task_instances(run.run_id, "square")}
+            self.assertEqual(states, {**{i: "SUCCESS" for i in range(7)}, 4: "FAILED"})
+            failed = run.store.get_task_instance(run.run_id, "square", 4)
+            self.assertIn("boom at 4", failed["error_text"])
+            table = reflow.format_status(run.status(as_dict=True), task="square")
+            per_element = re.findall(r"job=\S+_\d  (?:\d+ms|[\d.]+s|\d+m\d\ds)", table)  # each element's duration
+            self.assertEqual(len(per_element), 7, table)
+            entry = reflow._log_entry(run.run_dir, failed)
+            text = "\n".join(entry["element_log"])
+            self.assertIn("squaring 4", text)
+            self.assertIn("boom at 4", text)
+            self.assertNotIn("squaring 3", text)
+            self.assertNotIn("squaring 5", text)
+            fixed.write_text("ok")
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(run.retry(), 2)  # square[4] and the cancelled total
+            self.assertEqual(run.wait(timeout=120), "SUCCESS")
+        attempts = {i["array_index"]: i["attempt"] for i in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual(attempts, {**{i: 0 for i in range(7)}, 4: 1})
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), sum(i * i for i in range(7)))
+
+    def test_kill_9_mid_chunk_keeps_finished_elements(self) -> None:
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        module = _packed_flow(self.tmp, pack=3)
+        with mock_env(MARKS=str(marks), SLOW_AT="1", NAP="60", REFLOW_LOST_JOB_GRACE="0"):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=3)
+            pid = self._wait_for(marks / "1.pid")
+            os.kill(pid, signal.SIGKILL)  # the worker itself: element 1 runs, element 2 never started
+            self.assertEqual(run.wait(timeout=60), "FAILED")
+            states = {i["array_index"]: i for i in run.store.list_task_instances(run.run_id, "square")}
+            self.assertEqual(states[0]["state"], "SUCCESS")
+            for index in (1, 2):
+                self.assertEqual(states[index]["state"], "FAILED")
+                self.assertIn("signal 9", states[index]["error_text"])
+            with mock_env(NAP="0"), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(run.retry(), 3)  # square[1], square[2] and the cancelled total
+                self.assertEqual(run.wait(timeout=120), "SUCCESS")
+        attempts = {i["array_index"]: i["attempt"] for i in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual(attempts, {0: 0, 1: 1, 2: 1})
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), 5)
+
+    def test_walltime_of_a_packed_job_scales_and_its_kill_fails_only_the_rest(self) -> None:
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        module = _packed_flow(self.tmp, pack=3, walltime="00:00:02")  # the job gets 3 x 2 s
+        with mock_env(MARKS=str(marks), SLOW_AT="1", NAP="60", REFLOW_LOST_JOB_GRACE="0"):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=3)
+            self.assertEqual(run.wait(timeout=90), "FAILED")
+        states = {i["array_index"]: i for i in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual([states[i]["state"] for i in range(3)], ["SUCCESS", "FAILED", "FAILED"])
+        self.assertEqual([states[i]["reason"] for i in (1, 2)], ["TIMEOUT", "TIMEOUT"], states)
+        spool = self.tmp / "run" / ".reflow" / "local"
+        limits = [json.loads(p.read_text())["time_limit"] for p in spool.glob("*.job")
+                  if "-square-" in json.loads(p.read_text())["name"]]
+        self.assertEqual(limits, [6])
+
+    def test_process_pool_runs_elements_in_parallel_and_survives_a_dead_slot(self) -> None:
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        module = _packed_flow(self.tmp, pack=4, cpus=2)
+        with mock_env(MARKS=str(marks), SLOW_AT="0", NAP="60", REFLOW_LOST_JOB_GRACE="0"):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=4)
+            victim = self._wait_for(marks / "0.pid")
+            for index in (1, 2, 3):
+                self._wait_for(marks / f"{index}.pid")
+            os.kill(victim, signal.SIGKILL)  # one pool process dies mid-element
+            self.assertEqual(run.wait(timeout=60), "FAILED")
+        pids = {int((marks / f"{i}.pid").read_text()) for i in range(4)}
+        self.assertEqual(len(pids), 2, "two slots ran the four elements")
+        states = {i["array_index"]: i for i in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual([states[i]["state"] for i in range(4)], ["FAILED", "SUCCESS", "SUCCESS", "SUCCESS"])
+        self.assertIn("signal 9", states[0]["error_text"])
+
+    def test_inline_tasks_run_inside_the_dispatch_job(self) -> None:
+        module = _packed_flow(self.tmp, pack=1, inline=True)
+        run = module.wf.submit(self.tmp / "run", executor="local", n=6)
+        self.assertEqual(run.wait(timeout=120), "SUCCESS", run.status(as_dict=True)["failed_instances"])
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), 55)
+        spool = self.tmp / "run" / ".reflow" / "local"
+        names = {path.stem: json.loads(path.read_text())["name"] for path in spool.glob("*.job")}
+        self.assertEqual({n for n in names.values() if not n.endswith("-dispatch")}, set(), names)
+        jobs = {inst["job_id"] for inst in run.store.list_task_instances(run.run_id)}
+        self.assertEqual(len(jobs), 1)
+        self.assertEqual(names[jobs.pop()], "packed-dispatch")
+        logs = reflow._log_entry(run.run_dir, run.store.get_task_instance(run.run_id, "square", 2))["element_log"]
+        self.assertIn("squaring 2", "\n".join(logs))
+
+    def test_inline_failure_fails_alone_and_retry_completes(self) -> None:
+        fixed = self.tmp / "fixed"
+        module = _packed_flow(self.tmp, pack=1, inline=True)
+        with mock_env(FAIL_AT="2", FIXED=str(fixed)):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=4)
+            self.assertEqual(run.wait(timeout=120), "FAILED")
+            self.assertEqual(run.store.task_state_summary(run.run_id)["square"], {"SUCCESS": 3, "FAILED": 1})
+            fixed.write_text("ok")
+            with contextlib.redirect_stdout(io.StringIO()):
+                run.retry()
+            self.assertEqual(run.wait(timeout=120), "SUCCESS")
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), 14)
+
+    def test_killed_inline_dispatch_job_is_followed_by_its_guard(self) -> None:
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        module = _packed_flow(self.tmp, pack=1, inline=True)
+        with mock_env(MARKS=str(marks), SLOW_AT="1", NAP="60", REFLOW_LOST_JOB_GRACE="0"):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=3)
+            worker = self._wait_for(marks / "1.pid")
+            os.killpg(os.getpgid(worker), signal.SIGKILL)  # the dispatch job and its inline worker, like a scheduler
+            self.assertEqual(run.wait(timeout=60), "FAILED")
+            states = {i["array_index"]: i for i in run.store.list_task_instances(run.run_id, "square")}
+            self.assertEqual(states[0]["state"], "SUCCESS")
+            for index in (1, 2):
+                self.assertEqual(states[index]["state"], "FAILED")
+                self.assertIn("signal 9", states[index]["error_text"])
+            with mock_env(NAP="0"), contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(run.retry(), 2)
+                self.assertEqual(run.wait(timeout=120), "SUCCESS")
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "total"), 5)
+
+    def test_inline_work_stops_before_the_dispatch_walltime(self) -> None:
+        module = _packed_flow(self.tmp, pack=1, inline=True)
+        # 65 s of dispatch walltime leave ~5 s of inline budget (60 s stay free)
+        with mock_env(SLOW_AT="1", NAP="60", REFLOW_DISPATCH_TIME="00:01:05", REFLOW_LOST_JOB_GRACE="0"):
+            run = module.wf.submit(self.tmp / "run", executor="local", n=3)
+            self.assertEqual(run.wait(timeout=90), "FAILED")
+        states = {i["array_index"]: i for i in run.store.list_task_instances(run.run_id, "square")}
+        self.assertEqual([states[i]["state"] for i in range(3)], ["SUCCESS", "FAILED", "FAILED"])
+        self.assertEqual([states[i]["reason"] for i in (1, 2)], ["TIMEOUT", "TIMEOUT"], states)
+
+    def _wait_for(self, path: Path) -> int:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if path.exists() and path.read_text():
+                return int(path.read_text())
+            time.sleep(0.05)
+        self.fail(f"{path.name} never appeared")
 
 
 def main() -> int:
