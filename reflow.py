@@ -36,6 +36,8 @@ A workflow file::
 ``python reflow.py status <run_id>`` answers from the store alone.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -78,10 +80,8 @@ import base64
 import contextlib
 import dataclasses
 import datetime as _dt
-import difflib
 import enum
 import errno
-import hashlib
 import html
 import importlib
 import importlib.machinery
@@ -89,7 +89,6 @@ import importlib.util
 import inspect
 import itertools
 import json
-import logging
 import math
 import os
 import re
@@ -101,25 +100,31 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 import types
 import typing
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
-if sys.version_info >= (3, 11):
-    import tomllib as _tomllib  # novermin
-else:
-    _tomllib = None
-
 try:
     import fcntl
 except ImportError:  # Windows: locks become no-ops; clusters are POSIX.
     fcntl = None  # type: ignore[assignment]
 
-log = logging.getLogger("reflow")
-log.addHandler(logging.NullHandler())
+
+class _Log:
+    """The ``reflow`` logger, made on first use: importing logging costs a fifth of ``import reflow``."""
+
+    def __getattr__(self, name: str) -> Any:
+        import logging
+
+        logger = logging.getLogger("reflow")
+        if not logger.handlers:
+            logger.addHandler(logging.NullHandler())
+        return getattr(logger, name)
+
+
+log: Any = _Log()
 
 #: Schema version of the sqlite store (``PRAGMA user_version``).
 SCHEMA_VERSION = 2
@@ -189,7 +194,7 @@ class RunNotFoundError(StoreError, KeyError):
 class ExecutorError(ReflowError):
     """A scheduler command failed; ``result`` holds the CommandResult."""
 
-    def __init__(self, message: str, result: "Optional[CommandResult]" = None) -> None:
+    def __init__(self, message: str, result: Optional[CommandResult] = None) -> None:
         super().__init__(message)
         self.result = result
 
@@ -214,8 +219,28 @@ class TaskInterrupted(ReflowError):
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or ""."""
+    import difflib  # lazy: only errors need it
+
     close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+class _LazyRegex:
+    """A regular expression compiled on first use: compiling every pattern at import is a tenth of its cost."""
+
+    def __init__(self, pattern: str, flags: int = 0) -> None:
+        self._source = (pattern, flags)
+
+    def __getattr__(self, name: str) -> Any:
+        compiled = re.compile(*self._source)
+        for method in ("match", "fullmatch", "search", "sub", "split", "findall", "finditer"):
+            setattr(self, method, getattr(compiled, method))  # later calls skip __getattr__
+        return getattr(compiled, name)
+
+
+def _lazy_regex(pattern: str, flags: int = 0) -> re.Pattern[str]:
+    """Return a stand-in for ``re.compile(pattern, flags)`` that compiles when first used."""
+    return typing.cast("re.Pattern[str]", _LazyRegex(pattern, flags))
 
 
 def _utcnow() -> str:
@@ -225,7 +250,14 @@ def _utcnow() -> str:
 
 def _hash16(text: str) -> str:
     """Return the first 16 hex digits of the sha256 of ``text``."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return _sha256_hex(text.encode("utf-8"))[:16]
+
+
+def _sha256_hex(data: bytes) -> str:
+    """Return the sha256 hex digest of ``data``."""
+    import hashlib  # lazy: loading OpenSSL is a tenth of ``import reflow``
+
+    return hashlib.sha256(data).hexdigest()
 
 
 _CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -278,7 +310,7 @@ def _atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0
         raise
 
 
-_TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TIME_RE = _lazy_regex(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
 def parse_time(value: Union[str, int]) -> int:
@@ -318,7 +350,7 @@ def format_hms(seconds: int) -> str:
     return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-_MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)([KMGTP]?)(?:i?B)?$", re.IGNORECASE)
+_MEM_RE = _lazy_regex(r"^(\d+(?:\.\d+)?)([KMGTP]?)(?:i?B)?$", re.IGNORECASE)
 _MEM_FACTORS = {"": 1, "K": 1, "M": 1024, "G": 1024**2, "T": 1024**3, "P": 1024**4}
 
 
@@ -378,19 +410,19 @@ def _shell_join(argv: Sequence[str]) -> str:
 # Config
 # =============================================================================
 
-_TOML_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
-_TOML_NUMBER_RE = re.compile(
+_TOML_BARE_KEY_RE = _lazy_regex(r"[A-Za-z0-9_-]+")
+_TOML_NUMBER_RE = _lazy_regex(
     r"0x[0-9A-Fa-f](?:_?[0-9A-Fa-f])*|0o[0-7](?:_?[0-7])*|0b[01](?:_?[01])*"
     r"|[+-]?(?:inf|nan)"
     r"|[+-]?(?:0|[1-9](?:_?[0-9])*)(?:\.[0-9](?:_?[0-9])*)?(?:[eE][+-]?[0-9](?:_?[0-9])*)?"
 )
-_TOML_DATE_RE = re.compile(r"\d{4}-\d\d-\d\d|\d\d:\d\d:\d\d")
-_TOML_BASIC_CHUNK_RE = re.compile(r'[^"\\\n]*')
-_TOML_MULTILINE_CHUNK_RE = re.compile(r'[^"\\]*')
-_TOML_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_TOML_DATE_RE = _lazy_regex(r"\d{4}-\d\d-\d\d|\d\d:\d\d:\d\d")
+_TOML_BASIC_CHUNK_RE = _lazy_regex(r'[^"\\\n]*')
+_TOML_MULTILINE_CHUNK_RE = _lazy_regex(r'[^"\\]*')
+_TOML_CONTROL_RE = _lazy_regex(r"[\x00-\x08\x0b-\x1f\x7f]")
 _TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
-_TOML_SNIPPET_RE = re.compile(r"[^\s,\]}#]*")
-_TOMLLIB_WHERE_RE = re.compile(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
+_TOML_SNIPPET_RE = _lazy_regex(r"[^\s,\]}#]*")
+_TOMLLIB_WHERE_RE = _lazy_regex(r"\s*\((?:at line (\d+), column \d+|at end of document)\)\s*$")
 
 
 class _TomlReader:
@@ -471,7 +503,7 @@ class _TomlReader:
         found = match.group() if match else ""
         return found[:30] or self.text[self.pos:self.pos + 1]
 
-    def scan(self, pattern: "re.Pattern[str]") -> str:
+    def scan(self, pattern: re.Pattern[str]) -> str:
         """Move past the (possibly empty) match of ``pattern`` at the cursor; return it."""
         match = pattern.match(self.text, self.pos)
         chunk = match.group() if match else ""
@@ -799,16 +831,26 @@ _TOML_VALUE_PARSERS: Dict[str, Callable[[_TomlReader], Any]] = {
 }
 
 
+def _tomllib() -> Optional[types.ModuleType]:
+    """Return the standard library's TOML parser (3.11+), imported on first use, or None."""
+    if sys.version_info < (3, 11):
+        return None
+    import tomllib  # novermin
+
+    return tomllib
+
+
 def _parse_toml(text: str, source: str) -> Dict[str, Any]:
     """Parse TOML ``text``; errors are one-line ConfigErrors naming ``source`` and the line.
 
     Uses ``tomllib`` when it exists (3.11+), else :class:`_TomlReader`.
     """
-    if _tomllib is None:
+    toml = _tomllib()
+    if toml is None:
         return _TomlReader(text, source).parse()
     try:
-        return _tomllib.loads(text)
-    except _tomllib.TOMLDecodeError as exc:
+        return toml.loads(text)
+    except toml.TOMLDecodeError as exc:
         # tomllib: "Expected '=' after a key in a key/value pair (at line 3, column 6)"
         message = str(exc)
         match = _TOMLLIB_WHERE_RE.search(message)
@@ -904,7 +946,7 @@ def _positive_int_or_none(value: Any) -> Optional[int]:
 
 def _setting(envs: Sequence[str], keys: Sequence[str], default: Optional[str], doc: str) -> property:
     """Make a string property: the first set env var, else the first set key, else ``default``."""
-    def getter(self: "Config") -> Optional[str]:
+    def getter(self: Config) -> Optional[str]:
         return self._first(envs, keys, default)
     getter.__doc__ = doc
     return property(getter)
@@ -967,7 +1009,7 @@ class Config:
 
     # -- validation ----------------------------------------------------------------
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check every table, key and value against the schema; return self.
 
         Raises ConfigError naming the first unknown key (with the closest
@@ -1327,7 +1369,7 @@ class Result:
         """Return the first (or only) upstream task name."""
         return self.steps[0]
 
-    def renamed(self, mapping: Mapping[str, str]) -> "Result":
+    def renamed(self, mapping: Mapping[str, str]) -> Result:
         """Return a copy whose step names go through ``mapping``."""
         steps = [mapping.get(step, step) for step in self.steps]
         if self._single:
@@ -1600,7 +1642,7 @@ class TaskSpec:
         return (param.name == "run_dir" or base is RunDir or isinstance(param.default, RunDir)
                 or any(m is RunDir or isinstance(m, RunDir) for m in meta))
 
-    def renamed(self, name: str, mapping: Mapping[str, str]) -> "TaskSpec":
+    def renamed(self, name: str, mapping: Mapping[str, str]) -> TaskSpec:
         """Return a copy named ``name`` with references renamed through ``mapping``."""
         config = dataclasses.replace(self.config, after=[mapping.get(a, a) for a in self.config.after],
                                      submit_options=dict(self.config.submit_options))
@@ -1746,7 +1788,7 @@ class Flow:
         self.tasks[spec.name] = spec
         self._registration_order.append(spec.name)
 
-    def include(self, flow: "Flow", prefix: Optional[str] = None) -> None:
+    def include(self, flow: Flow, prefix: Optional[str] = None) -> None:
         """Copy the tasks of ``flow`` into this one.
 
         With a prefix, task ``t`` becomes ``<prefix>_t`` and every reference
@@ -2252,22 +2294,22 @@ class TaskState(str, enum.Enum):
     RETRYING = "RETRYING"
 
     @classmethod
-    def terminal(cls) -> "frozenset":
+    def terminal(cls) -> frozenset:
         """Return the states an instance ends in: SUCCESS, FAILED, CANCELLED."""
         return frozenset({cls.SUCCESS, cls.FAILED, cls.CANCELLED})
 
     @classmethod
-    def active(cls) -> "frozenset":
+    def active(cls) -> frozenset:
         """Return the states that still lead somewhere: PENDING, SUBMITTED, RUNNING, RETRYING."""
         return frozenset({cls.PENDING, cls.SUBMITTED, cls.RUNNING, cls.RETRYING})
 
     @classmethod
-    def cancellable(cls) -> "frozenset":
+    def cancellable(cls) -> frozenset:
         """Return the states ``cancel`` acts on: PENDING, SUBMITTED, RUNNING."""
         return frozenset({cls.PENDING, cls.SUBMITTED, cls.RUNNING})
 
     @classmethod
-    def retriable(cls) -> "frozenset":
+    def retriable(cls) -> frozenset:
         """Return the states ``retry`` acts on: FAILED, CANCELLED."""
         return frozenset({cls.FAILED, cls.CANCELLED})
 
@@ -2304,7 +2346,7 @@ class Store(abc.ABC):
     #: Where the store lives (a file path, or a URL for other backends).
     path: Path
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
@@ -2477,6 +2519,19 @@ class Store(abc.ABC):
     def find_cached_many(self, task: str, identities: Iterable[str]) -> Dict[str, Dict[str, Any]]:
         """Return ``{identity: newest SUCCESS row}`` for the identities that have one."""
 
+    def copy_cached_task(self, run_id: str, task: str, key: str) -> Optional[int]:
+        """Copy every instance of ``task`` from the run recorded under ``key`` as cache hits; return the width.
+
+        None when no run is recorded or its instances are not all SUCCESS.
+        Stores without this fast path return None and the caller looks up
+        each instance instead.
+        """
+        return None
+
+    def remember_task(self, run_id: str, task: str, key: str) -> None:
+        """Record that ``run_id`` expanded ``task`` from inputs whose group key is ``key`` (optional)."""
+        return None
+
     @abc.abstractmethod
     def instance_rows(self, run_id: str, states: Optional[Iterable[str]] = None,
                       task_name: Optional[str] = None) -> List[InstanceRow]:
@@ -2596,6 +2651,9 @@ _V2_SCHEMA = (
     "(run_id, task_name, IFNULL(array_index, -1))",
 )
 
+#: Prefix of the ``meta`` keys that map a task's group key (see ``_Planner.group_key``) to a run.
+_GROUP_PREFIX = "group:"
+
 #: Per-connection scratch table holding the instance ids of one bulk write.
 #: Each bulk write fills it, keeps the ids whose state allows the change,
 #: updates them with one statement and logs them with one INSERT ... SELECT:
@@ -2701,7 +2759,7 @@ def _in_list(values: Sequence[Any]) -> str:
     return "(" + ", ".join("?" * len(values)) + ")"
 
 
-def _state_value(state: Any, kind: "Type[enum.Enum]" = TaskState) -> str:
+def _state_value(state: Any, kind: Type[enum.Enum] = TaskState) -> str:
     """Return a state's string value; raise StoreError for a name that is not one."""
     value = state.value if isinstance(state, enum.Enum) else str(state)
     if value not in kind.__members__:
@@ -2709,7 +2767,7 @@ def _state_value(state: Any, kind: "Type[enum.Enum]" = TaskState) -> str:
     return value
 
 
-def _state_values(states: Any, kind: "Type[enum.Enum]" = TaskState) -> List[str]:
+def _state_values(states: Any, kind: Type[enum.Enum] = TaskState) -> List[str]:
     """Return a list of state values from one state or an iterable of them."""
     if isinstance(states, (str, enum.Enum)):
         states = [states]
@@ -2800,7 +2858,7 @@ class SqliteStore(Store):
     """
 
     def __init__(self, path: Union[str, Path], readonly: bool = False, *, journal_mode: Optional[str] = None,
-                 config: Optional["Config"] = None) -> None:
+                 config: Optional[Config] = None) -> None:
         self.path = Path(path).expanduser()
         self.readonly = bool(readonly)
         self._journal = self._choose_journal(journal_mode, config)
@@ -2815,12 +2873,12 @@ class SqliteStore(Store):
     # -- construction -------------------------------------------------------------
 
     @classmethod
-    def for_run_dir(cls, run_dir: Union[str, Path], readonly: bool = False) -> "SqliteStore":
+    def for_run_dir(cls, run_dir: Union[str, Path], readonly: bool = False) -> SqliteStore:
         """Return the store kept inside a run directory (``<run_dir>/manifest.db``)."""
         return cls(Path(run_dir) / "manifest.db", readonly=readonly)
 
     @classmethod
-    def default_path(cls, config: Optional["Config"] = None) -> Path:
+    def default_path(cls, config: Optional[Config] = None) -> Path:
         """Return the shared store path.
 
         In order: ``defaults.store_path`` (through ``config``, which also
@@ -2837,12 +2895,12 @@ class SqliteStore(Store):
         return base / "reflow" / "manifest.db"
 
     @classmethod
-    def default(cls, config: Optional["Config"] = None, readonly: bool = False) -> "SqliteStore":
+    def default(cls, config: Optional[Config] = None, readonly: bool = False) -> SqliteStore:
         """Return the shared store of :meth:`default_path`, with the config's journal mode."""
         config = config if config is not None else load_config()
         return cls(cls.default_path(config), readonly=readonly, config=config)
 
-    def _choose_journal(self, explicit: Optional[str], config: Optional["Config"]) -> Optional[str]:
+    def _choose_journal(self, explicit: Optional[str], config: Optional[Config]) -> Optional[str]:
         """Return the journal mode asked for (lower case), or None to keep the file's own."""
         chosen = explicit or getattr(config, "sqlite_journal", None) or os.environ.get("REFLOW_SQLITE_JOURNAL")
         if not chosen:
@@ -3343,6 +3401,37 @@ class SqliteStore(Store):
             best[row[9]] = row  # later rows are newer
         return {identity: _instance_dict(row) for identity, row in best.items()}
 
+    def copy_cached_task(self, run_id: str, task: str, key: str) -> Optional[int]:
+        """Copy a whole task from the run recorded under ``key``, in SQL (nothing is decoded)."""
+        with self.transaction():
+            found = self._db.execute("SELECT value FROM meta WHERE key = ?", (_GROUP_PREFIX + key,)).fetchone()
+            if found is None or found[0] == run_id:
+                return None
+            source = found[0]
+            width, ok = self._db.execute(
+                "SELECT COUNT(*), IFNULL(SUM(state = 'SUCCESS'), 0) FROM task_instances "
+                "WHERE run_id = ? AND task_name = ?", (source, task)).fetchone()
+            recorded = self._db.execute("SELECT width FROM task_specs WHERE run_id = ? AND task_name = ?",
+                                        (source, task)).fetchone()
+            if not recorded or recorded[0] != width or ok != width:
+                return None
+            now = _utcnow()
+            first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
+            self._db.execute(
+                "INSERT INTO task_instances (run_id, task_name, array_index, state, input, identity, input_hash, "
+                "output, output_hash, cached, reason, finished_at, created_at, updated_at) "
+                "SELECT ?, task_name, array_index, 'SUCCESS', input, identity, input_hash, output, output_hash, 1, "
+                "'', ?, ?, ? FROM task_instances WHERE run_id = ? AND task_name = ? ORDER BY array_index",
+                (run_id, now, now, now, source, task))
+            self._db.execute(_EVENT_SELECT.format(at="t.created_at", source="task_instances t WHERE t.id > ? "
+                                                  "ORDER BY t.id", event="'cached'"), (first,))
+            self.set_task_width(run_id, task, width)
+            return width
+
+    def remember_task(self, run_id: str, task: str, key: str) -> None:
+        """Point ``key`` at ``run_id`` (the newest expansion wins)."""
+        self._write("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_GROUP_PREFIX + key, run_id))
+
     def task_state_summary(self, run_id: str) -> Dict[str, Dict[str, int]]:
         """Return ``{task: {state: n}}``."""
         summary: Dict[str, Dict[str, int]] = {}
@@ -3603,7 +3692,7 @@ def compute_input_hash(task: str, version: str, inputs: Any, params: Optional[Ma
 
 def compute_identity(input_hash: str, upstream_hashes: Iterable[str]) -> str:
     """Combine an input hash with the output hashes of ``after=`` dependencies."""
-    return hashlib.sha256((input_hash + "|" + "|".join(sorted(upstream_hashes))).encode()).hexdigest()[:16]
+    return _sha256_hex((input_hash + "|" + "|".join(sorted(upstream_hashes))).encode())[:16]
 
 
 def compute_output_hash(output: Any) -> str:
@@ -3858,7 +3947,7 @@ class Executor(abc.ABC):
     #: Binary names this executor runs, with their config/env keys.
     _binaries: Tuple[str, ...] = ()
 
-    def __init__(self, mode: str = "", python: str = "", config: "Optional[Config]" = None) -> None:
+    def __init__(self, mode: str = "", python: str = "", config: Optional[Config] = None) -> None:
         self.mode = mode or self.name
         self.python = python or ""
         self.config = config
@@ -3982,8 +4071,8 @@ SCHED_TIMEOUT_ENV = "REFLOW_SCHED_TIMEOUT"
 #: Shell variable holding a newline inside job scripts (see ``_sh_word``).
 _NL_VAR = "__reflow_nl"
 _NL_SETUP = f'{_NL_VAR}="$(printf \'\\n_\')"; {_NL_VAR}="${{{_NL_VAR}%_}}"'
-_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_TOKEN_RE = re.compile(r"(\{job_id\}|\{array_index\})")
+_ENV_NAME_RE = _lazy_regex(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TOKEN_RE = _lazy_regex(r"(\{job_id\}|\{array_index\})")
 #: Slurm-style mail types and the letters of PBS (``-m``) and SGE (``-m``).
 _PBS_MAIL = {"NONE": "n", "BEGIN": "b", "END": "e", "FAIL": "a", "ALL": "abe", "TIME_LIMIT": "a",
              "REQUEUE": "a", "INVALID_DEPEND": "a", "ARRAY_TASKS": ""}
@@ -4143,7 +4232,7 @@ class _BatchExecutor(Executor):
     _transient_codes: Tuple[int, ...] = ()
 
     @classmethod
-    def from_environment(cls, config: "Optional[Config]" = None) -> "_BatchExecutor":
+    def from_environment(cls, config: Optional[Config] = None) -> _BatchExecutor:
         """Build the executor with binaries from ``REFLOW_<CMD>``, then the config, then plain names."""
         binaries = {name: _binary_path(name, config) for name in cls._binaries}
         python = os.environ.get("REFLOW_PYTHON") or str(getattr(config, "executor_python", "") or "")
@@ -4295,7 +4384,7 @@ class _BatchExecutor(Executor):
         raise NotImplementedError
 
 
-def _binary_path(name: str, config: "Optional[Config]") -> str:
+def _binary_path(name: str, config: Optional[Config]) -> str:
     """Return the binary for ``name``: ``REFLOW_<NAME>``, else the config, else the plain name."""
     from_env = os.environ.get(f"REFLOW_{name.upper()}")
     if from_env:
@@ -4351,7 +4440,7 @@ class SlurmExecutor(_BatchExecutor):
     _CANCEL_BENIGN = ("invalid job id", "already completing or completed", "job/step already")
 
     def __init__(self, mode: str = "sbatch", sbatch: str = "sbatch", scancel: str = "scancel",
-                 sacct: str = "sacct", python: str = "", config: "Optional[Config]" = None,
+                 sacct: str = "sacct", python: str = "", config: Optional[Config] = None,
                  squeue: str = "squeue") -> None:
         super().__init__(mode=mode, python=python, config=config)
         self.sbatch, self.scancel, self.sacct, self.squeue = sbatch, scancel, sacct, squeue
@@ -4625,7 +4714,7 @@ class PBSExecutor(_BatchExecutor):
     _CANCEL_BENIGN = ("unknown job id", "job has finished", "already finished")
 
     def __init__(self, mode: str = "qsub", qsub: str = "qsub", qdel: str = "qdel", qstat: str = "qstat",
-                 array_flag: Optional[str] = None, python: str = "", config: "Optional[Config]" = None) -> None:
+                 array_flag: Optional[str] = None, python: str = "", config: Optional[Config] = None) -> None:
         super().__init__(mode=mode, python=python, config=config)
         self.qsub, self.qdel, self.qstat = qsub, qdel, qstat
         if array_flag not in (None, "-J", "-t"):
@@ -4889,7 +4978,7 @@ class LSFExecutor(_BatchExecutor):
                       "is being signaled")
 
     def __init__(self, mode: str = "bsub", bsub: str = "bsub", bkill: str = "bkill", bjobs: str = "bjobs",
-                 python: str = "", config: "Optional[Config]" = None) -> None:
+                 python: str = "", config: Optional[Config] = None) -> None:
         super().__init__(mode=mode, python=python, config=config)
         self.bsub, self.bkill, self.bjobs = bsub, bkill, bjobs
 
@@ -5123,7 +5212,7 @@ class SGEExecutor(_BatchExecutor):
     _QACCT_BULK = 10
 
     def __init__(self, mode: str = "qsub", qsub: str = "qsub", qdel: str = "qdel", qstat: str = "qstat",
-                 python: str = "", config: "Optional[Config]" = None, qacct: str = "qacct") -> None:
+                 python: str = "", config: Optional[Config] = None, qacct: str = "qacct") -> None:
         super().__init__(mode=mode, python=python, config=config)
         self.qsub, self.qdel, self.qstat, self.qacct = qsub, qdel, qstat, qacct
 
@@ -5441,7 +5530,7 @@ class FluxExecutor(_BatchExecutor):
     _FORMAT = "{id.dec}|{state}|{result}|{returncode}|{exception.type}"
 
     def __init__(self, mode: str = "flux", flux: str = "flux", python: str = "",
-                 config: "Optional[Config]" = None) -> None:
+                 config: Optional[Config] = None) -> None:
         super().__init__(mode=mode, python=python, config=config)
         self.flux = flux
 
@@ -5634,7 +5723,7 @@ class LocalExecutor(Executor):
     max_array_size = 1_000_000
 
     def __init__(self, capture_output: bool = False, mode: str = "local", python: str = "",
-                 config: "Optional[Config]" = None, spool: Optional[Union[str, Path]] = None) -> None:
+                 config: Optional[Config] = None, spool: Optional[Union[str, Path]] = None) -> None:
         super().__init__(mode=mode, python=python, config=config)
         self.capture_output = capture_output
         self.spool = Path(spool) if spool else None
@@ -6025,7 +6114,7 @@ def _executor_classes() -> Dict[str, Any]:
     return EXECUTORS
 
 
-def _build_executor(name: str, config: "Optional[Config]", mode: str = "") -> Executor:
+def _build_executor(name: str, config: Optional[Config], mode: str = "") -> Executor:
     """Instantiate the executor ``name`` with binaries from the environment/config."""
     cls = _executor_classes()[name]
     if name == "local":
@@ -6033,7 +6122,7 @@ def _build_executor(name: str, config: "Optional[Config]", mode: str = "") -> Ex
     return cls.from_environment(config)
 
 
-def resolve_executor(executor: Union[str, Executor, None] = None, config: "Optional[Config]" = None) -> Executor:
+def resolve_executor(executor: Union[str, Executor, None] = None, config: Optional[Config] = None) -> Executor:
     """Return an executor instance for an instance, a short name, or None (the default).
 
     Names: ``slurm``, ``pbs``, ``lsf``, ``sge``, ``flux``, ``local``.  Any
@@ -6050,7 +6139,7 @@ def resolve_executor(executor: Union[str, Executor, None] = None, config: "Optio
     return _build_executor(name, config)
 
 
-def default_executor(config: "Optional[Config]" = None) -> Executor:
+def default_executor(config: Optional[Config] = None) -> Executor:
     """Return the executor for the configured mode.
 
     ``REFLOW_MODE`` or ``executor.mode`` decide when set; otherwise the
@@ -6066,7 +6155,7 @@ def default_executor(config: "Optional[Config]" = None) -> Executor:
     return _build_executor(_detect_scheduler(config), config)
 
 
-def _detect_scheduler(config: "Config") -> str:
+def _detect_scheduler(config: Config) -> str:
     """Name the scheduler whose client commands are on PATH, else ``local``."""
     for name, binary in (("slurm", "sbatch"), ("lsf", "bsub"), ("flux", "flux")):
         if shutil.which(config.executor_binary(binary)):
@@ -6077,7 +6166,7 @@ def _detect_scheduler(config: "Config") -> str:
     return "local"
 
 
-def executor_from_record(record: Mapping[str, Any], config: "Optional[Config]" = None) -> Executor:
+def executor_from_record(record: Mapping[str, Any], config: Optional[Config] = None) -> Executor:
     """Rebuild the executor stored with a run (``Executor.describe()``)."""
     name = record.get("name", "")
     classes = _executor_classes()
@@ -6139,7 +6228,7 @@ def _record_matches(record: Mapping[str, Any], name: str, owners: Mapping[int, T
             and record.get("array_index", index) == index)
 
 
-_RESULT_NAME_RE = re.compile(r"^(?P<task>.+)__(?P<index>singleton|\d+)__(?P<attempt>\d+)\.(?:json|started)$")
+_RESULT_NAME_RE = _lazy_regex(r"^(?P<task>.+)__(?P<index>singleton|\d+)__(?P<attempt>\d+)\.(?:json|started)$")
 
 
 def _parse_result_name(name: str) -> Tuple[Optional[str], Optional[int], int]:
@@ -6151,7 +6240,7 @@ def _parse_result_name(name: str) -> Tuple[Optional[str], Optional[int], int]:
     return match["task"], index, int(match["attempt"])
 
 
-def _load_run(store: "Store", run_id: str) -> Dict[str, Any]:
+def _load_run(store: Store, run_id: str) -> Dict[str, Any]:
     """Return a run row or raise RunNotFoundError naming the id (and the closest one)."""
     run = store.get_run(run_id)
     if run is None:
@@ -6160,7 +6249,7 @@ def _load_run(store: "Store", run_id: str) -> Dict[str, Any]:
     return run
 
 
-def _run_executor(params: Mapping[str, Any], config: "Optional[Config]", executor: Any = None) -> Executor:
+def _run_executor(params: Mapping[str, Any], config: Optional[Config], executor: Any = None) -> Executor:
     """Return the executor given, or the one recorded with the run."""
     if executor is not None:
         resolved = resolve_executor(executor, config)
@@ -6178,8 +6267,8 @@ def _job_command(params: Mapping[str, Any], role: str, run_id: str, *extra: str)
             "--store-path", params[P_STORE], *extra]
 
 
-def start_dispatch_job(store: "Store", run_id: str, *, verify: bool = False, executor: Optional[Executor] = None,
-                       config: "Optional[Config]" = None, after: Sequence[str] = (), delay: int = 0) -> str:
+def start_dispatch_job(store: Store, run_id: str, *, verify: bool = False, executor: Optional[Executor] = None,
+                       config: Optional[Config] = None, after: Sequence[str] = (), delay: int = 0) -> str:
     """Submit one dispatch cycle of a run as a job; record and return its id."""
     run = _load_run(store, run_id)
     params = run["parameters"]
@@ -6202,8 +6291,8 @@ def start_dispatch_job(store: "Store", run_id: str, *, verify: bool = False, exe
     return job_id
 
 
-def cancel_run(store: "Store", run_id: str, task_name: Optional[str] = None, executor: Any = None,
-               config: "Optional[Config]" = None) -> int:
+def cancel_run(store: Store, run_id: str, task_name: Optional[str] = None, executor: Any = None,
+               config: Optional[Config] = None) -> int:
     """Cancel the active instances of a run (or of one task); return how many.
 
     The scheduler is called once for all distinct job ids; without a task,
@@ -6224,8 +6313,8 @@ def cancel_run(store: "Store", run_id: str, task_name: Optional[str] = None, exe
     return cancelled
 
 
-def retry_run(store: "Store", run_id: str, task_name: Optional[str] = None, executor: Any = None,
-              verify: bool = True, config: "Optional[Config]" = None) -> int:
+def retry_run(store: Store, run_id: str, task_name: Optional[str] = None, executor: Any = None,
+              verify: bool = True, config: Optional[Config] = None) -> int:
     """Move FAILED/CANCELLED instances back to RETRYING and start a dispatch job.
 
     Returns how many instances moved; nothing is submitted when none did.
@@ -6242,7 +6331,7 @@ def retry_run(store: "Store", run_id: str, task_name: Optional[str] = None, exec
     return moved
 
 
-def _check_task_name(store: "Store", run_id: str, task_name: Optional[str]) -> None:
+def _check_task_name(store: Store, run_id: str, task_name: Optional[str]) -> None:
     """Raise GraphError when ``task_name`` is not a task of the run."""
     if task_name is None:
         return
@@ -6314,7 +6403,7 @@ def check_owner(run: Mapping[str, Any], force: bool = False) -> None:
                           "add --force to act on it anyway (nothing was changed)")
 
 
-def run_status(store: "Store", run_id: str) -> Dict[str, Any]:
+def run_status(store: Store, run_id: str) -> Dict[str, Any]:
     """Return the status of a run as a dict with stable keys (``status --json`` prints it).
 
     * ``run``: the run row -- ``run_id``, ``graph_name``, ``user_id``, ``status``,
@@ -6432,7 +6521,7 @@ def _paint(text: str, state: str, colour: bool) -> str:
     return f"\x1b[{code}m{text}\x1b[0m" if colour and code else text
 
 
-def log_entries(store: "Store", run_id: str, task: Optional[str] = None, index: Optional[int] = None,
+def log_entries(store: Store, run_id: str, task: Optional[str] = None, index: Optional[int] = None,
                 failed: bool = False) -> List[Dict[str, Any]]:
     """Describe where instances' logs are and why they ended as they did.
 
@@ -6559,7 +6648,7 @@ def _flatten(values: Iterable[Any], source: str) -> List[Any]:
 class _StoreOutputs:
     """Upstream outputs as the store holds them (the dispatcher's view)."""
 
-    def __init__(self, store: "Store", run_id: str) -> None:
+    def __init__(self, store: Store, run_id: str) -> None:
         self.store, self.run_id = store, run_id
 
     def singleton(self, task: str) -> Any:
@@ -6584,7 +6673,7 @@ class _ResultFileOutputs(_StoreOutputs):
     commits an ingested result before it deletes the file.
     """
 
-    def __init__(self, store: "Store", run_id: str, results: Path) -> None:
+    def __init__(self, store: Store, run_id: str, results: Path) -> None:
         super().__init__(store, run_id)
         self.results = results
         self._cache: Dict[str, List[Tuple[Any, str]]] = {}
@@ -6645,7 +6734,7 @@ class _Planner:
     inputs were deferred (they read upstream outputs from result files).
     """
 
-    def __init__(self, wf: "Workflow", store: "Store", run_id: str, params: Mapping[str, Any], verify: bool,
+    def __init__(self, wf: Workflow, store: Store, run_id: str, params: Mapping[str, Any], verify: bool,
                  outputs: Optional[_StoreOutputs] = None) -> None:
         self.wf, self.store, self.run_id, self.params, self.verify = wf, store, run_id, params, verify
         self.outputs = outputs or _StoreOutputs(store, run_id)
@@ -6710,6 +6799,55 @@ class _Planner:
         if spec.config.cache and spec.name not in self.forced:
             self._apply_cache(spec, rows)
         return rows
+
+    def expand(self, spec: TaskSpec, run: Optional[Callable[[List[Dict[str, Any]]], None]] = None
+               ) -> Tuple[int, List[Dict[str, Any]]]:
+        """Insert a task's instances; return its width and the rows inserted.
+
+        A task whose group key matches an earlier, fully successful
+        expansion is copied from it in SQL (no rows are returned);
+        otherwise each instance is looked up on its own, ``run`` (if given)
+        executes the cache misses in place before the insert, and the
+        expansion is remembered under the key.  An upstream output that
+        cannot be fanned out becomes one FAILED instance carrying the
+        reason, so the run ends instead of hanging.
+        """
+        key = self.group_key(spec)
+        width = None if key is None else self.store.copy_cached_task(self.run_id, spec.name, key)
+        if width is not None:
+            return width, []
+        try:
+            rows = self.instance_rows(spec)
+        except (GraphError, ManifestError, TypeError, ValueError) as exc:
+            rows, key = [_failed_expansion_row(exc)], None
+        if run is not None:
+            run(rows)
+        with self.store.transaction():
+            self.store.insert_task_instances(self.run_id, spec.name, rows)
+            self.store.set_task_width(self.run_id, spec.name, len(rows))
+            if key is not None:
+                self.store.remember_task(self.run_id, spec.name, key)
+        return len(rows), rows
+
+    def group_key(self, spec: TaskSpec) -> Optional[str]:
+        """Hash everything that determines a task's instance payloads, without decoding any of them.
+
+        Payloads are a pure function of the task, its version, the run
+        parameters it receives, the wiring and the upstream outputs, which
+        their output hashes stand for.  None when the cache does not apply.
+        """
+        if not spec.config.cache or spec.name in self.forced or self.verify:
+            return None
+        upstream = {param: [(step, self.modes[(spec.name, param)].value, self.outputs.hashes(step))
+                            for step in result.steps] for param, result in spec.result_deps.items()}
+        after = {dep: self.outputs.hashes(dep) for dep in spec.config.after}
+        hashes = [h for deps in upstream.values() for _, _, hs in deps for h in hs] + [
+            h for hs in after.values() for h in hs]
+        if not all(hashes):
+            return None
+        params = _received_params(spec, self.params)
+        return _hash16(DEFAULT_CODEC.canonical_dumps([spec.name, str(spec.config.version), spec.is_array, params,
+                                                      upstream, after]))
 
     def deferred_row(self, spec: TaskSpec, index: Optional[int]) -> Dict[str, Any]:
         """Resolve the inputs of one forward-submitted instance (in its worker).
@@ -6900,7 +7038,7 @@ def _position_chunk(positions: str, offset: int, pack: int) -> List[int]:
     return chunk
 
 
-def run_worker(wf: "Workflow", run_id: str, store_path: Union[str, Path], run_dir: Union[str, Path], task: str,
+def run_worker(wf: Workflow, run_id: str, store_path: Union[str, Path], run_dir: Union[str, Path], task: str,
                index: Optional[int] = None, positions: Optional[str] = None, base: int = 0,
                pack: Optional[int] = None, slots: int = 1) -> int:
     """Run one task instance (or, with ``pack``, a chunk of them) and drop result files; return the exit code.
@@ -6937,7 +7075,7 @@ def run_worker(wf: "Workflow", run_id: str, store_path: Union[str, Path], run_di
 class _ElementRunner:
     """Runs one instance of a task in this process and writes its result file."""
 
-    def __init__(self, wf: "Workflow", spec: TaskSpec, params: Mapping[str, Any], results: Path,
+    def __init__(self, wf: Workflow, spec: TaskSpec, params: Mapping[str, Any], results: Path,
                  store_path: Union[str, Path]) -> None:
         self.wf, self.spec, self.params, self.results, self.store_path = wf, spec, params, results, store_path
 
@@ -7066,6 +7204,8 @@ def _pool_child(job: _ElementRunner, insts: List[Dict[str, Any]], counter: Any, 
                     break
         return 0
     except BaseException:  # never unwind into the parent's code from a forked child
+        import traceback
+
         traceback.print_exc()
         return 1
     finally:
@@ -7078,7 +7218,7 @@ def _is_deferred(inst: Mapping[str, Any]) -> bool:
     return not inst["identity"] and inst["array_index"] != EXPANSION_FAILED
 
 
-def _resolve_deferred(wf: "Workflow", spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[str, Any],
+def _resolve_deferred(wf: Workflow, spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[str, Any],
                       store_path: Union[str, Path], results: Path) -> Dict[str, Any]:
     """Resolve a forward-submitted instance's inputs and cache hit; ``{"error": ...}`` if upstream failed."""
     store = SqliteStore(store_path, readonly=True)
@@ -7160,6 +7300,8 @@ def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Di
         if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, TaskInterrupted):
             text = f"{type(exc).__name__}: {exc}"
         else:
+            import traceback  # lazy: only failures need it
+
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         reason = INTERRUPTED if isinstance(exc, TaskInterrupted) else ""
         return {"state": TaskState.FAILED.value, "output": None, "output_hash": "", "error_text": text,
@@ -7253,7 +7395,7 @@ def _dir_lock(path: Path, deadline: float, stale_after: float) -> Iterator[bool]
 class _Dispatcher:
     """One dispatch cycle: ingest, reconcile, plan, submit, finalise, re-arm."""
 
-    def __init__(self, wf: "Workflow", store: "Store", run_id: str, run_dir: Union[str, Path],
+    def __init__(self, wf: Workflow, store: Store, run_id: str, run_dir: Union[str, Path],
                  executor: Optional[Executor], verify: bool) -> None:
         self.wf, self.store, self.run_id, self.verify = wf, store, run_id, verify
         self.run = _load_run(store, run_id)
@@ -7507,27 +7649,13 @@ class _Dispatcher:
             if expansion_retry:
                 self.store.delete_instances(expansion_retry)
             if expansion_retry or (specs[name].get("width") is None and not summary.get(name)):
-                specs[name]["width"] = self._expand(planner, spec)
+                specs[name]["width"] = planner.expand(spec)[0]
                 summary[name] = self.store.task_state_summary(self.run_id).get(name, {})
                 todo = self.store.instance_rows(self.run_id, states=["RETRYING", "PENDING"], task_name=name)
             if todo:
                 ordered = sorted(todo, key=lambda row: (row[3] != "RETRYING", row[2] if row[2] is not None else -1))
                 batches.append((spec, [(row[0], row[2], row[5]) for row in ordered]))
         return batches
-
-    def _expand(self, planner: _Planner, spec: TaskSpec) -> int:
-        """Insert the instances of a task (cache hits included); return its width.
-
-        An upstream output that cannot be fanned out becomes one FAILED
-        instance carrying the reason, so the run ends instead of hanging.
-        """
-        try:
-            rows = planner.instance_rows(spec)
-        except (GraphError, ManifestError, TypeError, ValueError) as exc:
-            rows = [_failed_expansion_row(exc)]
-        self.store.insert_task_instances(self.run_id, spec.name, rows)
-        self.store.set_task_width(self.run_id, spec.name, len(rows))
-        return len(rows)
 
     def _cap(self, batches):
         """Keep only what ``max_submit_jobs`` allows (lowest indices first).
@@ -7993,7 +8121,7 @@ class CliParamDescription:
     help: str
     choices: Optional[Tuple[Any, ...]]
 
-    def to_manifest_dict(self, codec: "Optional[ManifestCodec]" = None) -> Dict[str, Any]:
+    def to_manifest_dict(self, codec: Optional[ManifestCodec] = None) -> Dict[str, Any]:
         """Return the manifest form (values through the codec)."""
         codec = codec or DEFAULT_CODEC
         data = dataclasses.asdict(self)
@@ -8014,7 +8142,7 @@ class TaskDescription:
     return_type: Optional[str]
     has_verify: bool
 
-    def to_manifest_dict(self, codec: "Optional[ManifestCodec]" = None) -> Dict[str, Any]:
+    def to_manifest_dict(self, codec: Optional[ManifestCodec] = None) -> Dict[str, Any]:
         """Return the manifest form (values through the codec)."""
         codec = codec or DEFAULT_CODEC
         return {"name": self.name, "is_array": self.is_array, "config": codec.dump_value(self.config),
@@ -8034,7 +8162,7 @@ class WorkflowDescription:
     cli_params: Tuple[CliParamDescription, ...]
     schema_version: int = 1
 
-    def to_manifest_dict(self, codec: "Optional[ManifestCodec]" = None) -> Dict[str, Any]:
+    def to_manifest_dict(self, codec: Optional[ManifestCodec] = None) -> Dict[str, Any]:
         """Return the JSON manifest (``describe()``)."""
         codec = codec or DEFAULT_CODEC
         return {"schema_version": self.schema_version, "name": self.name,
@@ -8089,7 +8217,7 @@ def _serve_job_at_exit() -> None:
     os._exit(code)
 
 
-def _serve_job(candidates: List["Workflow"], argv: List[str]) -> int:
+def _serve_job(candidates: List[Workflow], argv: List[str]) -> int:
     """Pick the workflow a job belongs to (by the run's name) and run the command."""
     wf = candidates[0]
     if len(candidates) > 1:
@@ -8114,9 +8242,9 @@ class Workflow(Flow):
     :func:`load_config`.  See the module docstring for an example.
     """
 
-    _instances: List["Workflow"] = []
+    _instances: List[Workflow] = []
 
-    def __init__(self, name: str, config: "Optional[Config]" = None) -> None:
+    def __init__(self, name: str, config: Optional[Config] = None) -> None:
         super().__init__(name)
         self._config_error: Optional[ConfigError] = None
         if config is None:
@@ -8131,14 +8259,14 @@ class Workflow(Flow):
             Workflow._instances.append(self)
 
     @property
-    def config(self) -> "Config":
+    def config(self) -> Config:
         """Return the configuration (a malformed config file raises ConfigError here)."""
         if self._config_error is not None:
             raise self._config_error
         return self._config
 
     @config.setter
-    def config(self, value: "Config") -> None:
+    def config(self, value: Config) -> None:
         """Replace the configuration."""
         self._config, self._config_error = value, None
 
@@ -8213,9 +8341,9 @@ class Workflow(Flow):
 
     # ------------------------------------------------------------ submit
 
-    def submit(self, run_dir: Optional[Union[str, Path]] = None, *, store: "Optional[Store]" = None,
+    def submit(self, run_dir: Optional[Union[str, Path]] = None, *, store: Optional[Store] = None,
                executor: Union[str, Executor, None] = None, force: bool = False,
-               force_tasks: Optional[Sequence[str]] = None, verify: bool = False, **params: Any) -> "Run":
+               force_tasks: Optional[Sequence[str]] = None, verify: bool = False, **params: Any) -> Run:
         """Create a run, start its first dispatch cycle, and return a :class:`Run`.
 
         ``executor`` is an Executor or a name (slurm, pbs, lsf, sge, flux,
@@ -8229,7 +8357,7 @@ class Workflow(Flow):
         self.dispatch(run_id, store, run_dir_path, executor=executor_obj, verify=verify)
         return Run(self, run_id, run_dir_path, store)
 
-    def submit_run(self, run_dir: Union[str, Path], parameters: Mapping[str, Any], store: "Optional[Store]" = None,
+    def submit_run(self, run_dir: Union[str, Path], parameters: Mapping[str, Any], store: Optional[Store] = None,
                    executor: Union[str, Executor, None] = None, verify: bool = False) -> str:
         """Submit with a parameter dict (the CLI form); return the run id."""
         params = dict(parameters)
@@ -8238,9 +8366,9 @@ class Workflow(Flow):
                           verify=verify, **params)
         return run.run_id
 
-    def _create_run(self, run_dir: Optional[Union[str, Path]], store: "Optional[Store]", executor: Any, force: bool,
+    def _create_run(self, run_dir: Optional[Union[str, Path]], store: Optional[Store], executor: Any, force: bool,
                     force_tasks: Optional[Sequence[str]], params: Mapping[str, Any],
-                    needs_entrypoint: bool = False) -> "Tuple[str, Path, Store, Executor]":
+                    needs_entrypoint: bool = False) -> Tuple[str, Path, Store, Executor]:
         """Validate everything, then create the run directory and the run record."""
         self.validate()
         values = self._check_params(params)
@@ -8261,7 +8389,7 @@ class Workflow(Flow):
         run_id = self._insert_run(store, values)
         return run_id, run_dir_path, store, executor_obj
 
-    def _insert_run(self, store: "Store", values: Dict[str, Any]) -> str:
+    def _insert_run(self, store: Store, values: Dict[str, Any]) -> str:
         """Insert the run and its task specs in one transaction; return the run id."""
         order = self.topological_order()
         specs = [{"task_name": name, "is_array": self.tasks[name].is_array, "position": position,
@@ -8278,7 +8406,7 @@ class Workflow(Flow):
 
     # ------------------------------------------------- cycle and worker
 
-    def dispatch(self, run_id: str, store: "Store", run_dir: Optional[Union[str, Path]] = None,
+    def dispatch(self, run_id: str, store: Store, run_dir: Optional[Union[str, Path]] = None,
                  executor: Union[str, Executor, None] = None, verify: bool = False) -> Dict[str, int]:
         """Run one dispatch cycle of a run (under the run's lock); return its counts."""
         run_dir = run_dir or store.get_run_parameters(run_id)[P_RUN_DIR]
@@ -8289,38 +8417,38 @@ class Workflow(Flow):
                 return {"ingested": 0, "lost": 0, "submitted": 0}
             return _Dispatcher(self, store, run_id, run_dir, executor_obj, verify).cycle()
 
-    def worker(self, run_id: str, store: "Store", run_dir: Union[str, Path], task_name: str,
+    def worker(self, run_id: str, store: Store, run_dir: Union[str, Path], task_name: str,
                index: Optional[int] = None, positions: Optional[str] = None, base: int = 0) -> int:
         """Execute one task instance inside a job; return 0 on success, 1 on failure."""
         return run_worker(self, run_id, store.path, run_dir, task_name, index, positions, base)  # one instance
 
     # ------------------------------------------------ recorded runs
 
-    def cancel_run(self, run_id: str, store: "Store", task_name: Optional[str] = None,
+    def cancel_run(self, run_id: str, store: Store, task_name: Optional[str] = None,
                    executor: Union[str, Executor, None] = None) -> int:
         """Cancel a run's active instances (or one task's); return how many."""
         return cancel_run(store, run_id, task_name, executor, self.config)
 
-    def cancel_runs(self, run_ids: Iterable[str], store: "Store", task_name: Optional[str] = None,
+    def cancel_runs(self, run_ids: Iterable[str], store: Store, task_name: Optional[str] = None,
                     executor: Union[str, Executor, None] = None) -> int:
         """Cancel several runs; return the total number of instances cancelled."""
         return sum(self.cancel_run(run_id, store, task_name, executor) for run_id in run_ids)
 
-    def retry_failed(self, run_id: str, store: "Store", run_dir: Optional[Union[str, Path]] = None,
+    def retry_failed(self, run_id: str, store: Store, run_dir: Optional[Union[str, Path]] = None,
                      task_name: Optional[str] = None, executor: Union[str, Executor, None] = None,
                      verify: bool = True) -> int:
         """Mark failed/cancelled instances for retry and start a dispatch job; return how many."""
         return retry_run(store, run_id, task_name, executor, verify, self.config)
 
-    def run_status(self, run_id: str, store: "Store") -> Dict[str, Any]:
+    def run_status(self, run_id: str, store: Store) -> Dict[str, Any]:
         """Return the state of a run (see :func:`run_status`)."""
         return run_status(store, run_id)
 
     # ---------------------------------------------------------- local
 
-    def run_local(self, run_dir: Optional[Union[str, Path]] = None, *, store: "Optional[Store]" = None,
+    def run_local(self, run_dir: Optional[Union[str, Path]] = None, *, store: Optional[Store] = None,
                   max_workers: int = 1, force: bool = False, force_tasks: Optional[Sequence[str]] = None,
-                  verify: bool = False, on_error: str = "stop", **params: Any) -> "Run":
+                  verify: bool = False, on_error: str = "stop", **params: Any) -> Run:
         """Run the whole workflow in this process, in topological order.
 
         Arrays run sequentially or in a process pool of ``max_workers``.
@@ -8393,7 +8521,7 @@ def _short_repr(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _resolve_run_dir(run_dir: Optional[Union[str, Path]], config: "Config") -> Path:
+def _resolve_run_dir(run_dir: Optional[Union[str, Path]], config: Config) -> Path:
     """Return the absolute run directory; check it can be created, create nothing yet."""
     chosen = run_dir if run_dir is not None else config.default_run_dir
     if not chosen:
@@ -8434,7 +8562,7 @@ def make_run_id(workflow_name: str) -> str:
 class _LocalRun:
     """Execute a run in this process (``run_local``), task by task."""
 
-    def __init__(self, wf: Workflow, store: "Store", run_id: str, verify: bool, max_workers: int, on_error: str):
+    def __init__(self, wf: Workflow, store: Store, run_id: str, verify: bool, max_workers: int, on_error: str):
         self.wf, self.store, self.run_id = wf, store, run_id
         self.max_workers, self.on_error = max_workers, on_error
         self.params = store.get_run_parameters(run_id)
@@ -8457,10 +8585,11 @@ class _LocalRun:
 
     def _run_task(self, spec: TaskSpec) -> bool:
         """Expand, run the cache misses, store every instance; return False on any failure."""
-        try:
-            rows = self.planner.instance_rows(spec)
-        except (GraphError, ManifestError, TypeError, ValueError) as exc:
-            rows = [_failed_expansion_row(exc)]
+        _, rows = self.planner.expand(spec, lambda rows: self._run_pending(spec, rows))
+        return all(row["state"] == TaskState.SUCCESS.value for row in rows)
+
+    def _run_pending(self, spec: TaskSpec, rows: List[Dict[str, Any]]) -> None:
+        """Run the PENDING rows (the cache misses) and fill in their outcomes."""
         todo = [row for row in rows if row["state"] == TaskState.PENDING.value]
         started = _utcnow()
         outcomes = self._execute(spec, [row["input"] for row in todo])
@@ -8468,10 +8597,6 @@ class _LocalRun:
         for row, outcome in zip(todo, outcomes):
             row.update(outcome, started_at=started, finished_at=finished)
             row["output"] = DEFAULT_CODEC.load_value(row["output"]) if row["state"] == "SUCCESS" else None
-        with self.store.transaction():
-            self.store.insert_task_instances(self.run_id, spec.name, rows)
-            self.store.set_task_width(self.run_id, spec.name, len(rows))
-        return all(row["state"] == TaskState.SUCCESS.value for row in rows)
 
     def _execute(self, spec: TaskSpec, payloads: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Call the function for each payload, in a process pool when allowed."""
@@ -8509,7 +8634,7 @@ def _run_in_pool(spec: TaskSpec, calls: List[Dict[str, Any]], workers: int) -> O
 class Run:
     """A handle on a run: ``status()``, ``logs()``, ``cancel()``, ``retry()``, ``wait()``, ``dag()``, ``report()``."""
 
-    def __init__(self, workflow: Optional[Workflow], run_id: str, run_dir: Union[str, Path], store: "Store") -> None:
+    def __init__(self, workflow: Optional[Workflow], run_id: str, run_dir: Union[str, Path], store: Store) -> None:
         self.workflow, self.run_id, self.run_dir, self.store = workflow, run_id, Path(run_dir), store
 
     def __repr__(self) -> str:
@@ -8609,7 +8734,7 @@ svg text{font:12px system-ui,sans-serif;fill:#1f2328}svg .muted{fill:#656d76;fon
 """
 
 
-def write_report(store: "Store", run_id: str, path: Union[str, Path, None] = None) -> Path:
+def write_report(store: Store, run_id: str, path: Union[str, Path, None] = None) -> Path:
     """Write the HTML report of a run to ``path`` (default ``<run_id>.html``); return the path.
 
     The file is self-contained (inline CSS and SVG, no script, no external
@@ -8625,7 +8750,7 @@ def write_report(store: "Store", run_id: str, path: Union[str, Path, None] = Non
     return target
 
 
-def report_data(store: "Store", run_id: str) -> Dict[str, Any]:
+def report_data(store: Store, run_id: str) -> Dict[str, Any]:
     """Collect what a report shows: :func:`run_status`, instances by task, failures' log entries, spans."""
     status = run_status(store, run_id)
     run_dir = Path(status["run"]["parameters"].get(P_RUN_DIR) or ".")
@@ -9237,6 +9362,8 @@ def _cli_main(argv: List[str], wf: Optional[Workflow]) -> int:
     debug = "--debug" in argv or os.environ.get("REFLOW_DEBUG") == "1"
     prog = wf.name if wf else "reflow"
     if debug:
+        import logging
+
         logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if argv and argv[0] in JOB_COMMANDS:
@@ -9254,13 +9381,15 @@ def _cli_main(argv: List[str], wf: Optional[Workflow]) -> int:
         return 130
     except (ReflowError, ValueError, TypeError, KeyError, OSError, sqlite3.Error, TimeoutError) as exc:
         if debug:
+            import traceback
+
             traceback.print_exc()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"{prog}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
         return 1
 
 
-def _open_store(args: argparse.Namespace, wf: Optional[Workflow], readonly: bool = False) -> "Store":
+def _open_store(args: argparse.Namespace, wf: Optional[Workflow], readonly: bool = False) -> Store:
     """Open the store named by ``--store-path`` or the default one (a missing one is an error)."""
     config = wf.config if wf else load_config()
     if getattr(args, "store_path", None):
@@ -9334,7 +9463,7 @@ def _cmd_status(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
     return STATUS_EXIT_CODES.get(status["run"]["status"], 1) if args.exit_code else 0
 
 
-def watch_status(store: "Store", run_id: str, interval: float = 2.0, task: Optional[str] = None,
+def watch_status(store: Store, run_id: str, interval: float = 2.0, task: Optional[str] = None,
                  as_json: bool = False, stream: Any = None) -> Dict[str, Any]:
     """Show a run's status until it leaves RUNNING; return the final status.
 
@@ -9472,7 +9601,7 @@ def _cmd_logs(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
     return 0
 
 
-_TARGET_RE = re.compile(r"^(?P<task>[^\[\]]+)(?:\[(?P<index>\d+)\])?$")
+_TARGET_RE = _lazy_regex(r"^(?P<task>[^\[\]]+)(?:\[(?P<index>\d+)\])?$")
 
 
 def _parse_target(text: str) -> Tuple[str, Optional[int]]:
@@ -9535,7 +9664,7 @@ def _cmd_dag(args: argparse.Namespace, wf: Optional[Workflow]) -> int:
     return 0
 
 
-def _run_graph(store: "Store", run_id: str) -> Tuple[List[Tuple[str, bool, List[str]]], Dict[str, str]]:
+def _run_graph(store: Store, run_id: str) -> Tuple[List[Tuple[str, bool, List[str]]], Dict[str, str]]:
     """Return a recorded run's ``(task, is_array, dependencies)`` nodes and each task's state."""
     _load_run(store, run_id)
     nodes = [(s["task_name"], bool(s["is_array"]), list(s.get("dependencies") or []))

@@ -576,6 +576,29 @@ class RunLocalTest(TempDirTest):
         self.assertEqual(prepare["cached"], 0)
         self.assertEqual(first.store.get_singleton_output(first.run_id, "total"), 14)
 
+    def test_whole_task_copy_matches_per_instance_lookup(self) -> None:
+        mod = self.flow()
+        mod.FAIL_AT = 2
+        failed = mod.wf.run_local(self.tmp / "run", n=4, on_error="continue")
+        mod.FAIL_AT = -1
+        # The failed run's square cannot be copied whole: elements are looked up one by one.
+        mended = mod.wf.run_local(self.tmp / "run", n=4)
+        cached = {i["array_index"]: i["cached"] for i in mended.store.list_task_instances(mended.run_id, "square")}
+        self.assertEqual(cached, {0: 1, 1: 1, 2: 0, 3: 1})
+        with mock.patch.object(reflow.SqliteStore, "find_cached_many", side_effect=AssertionError("one by one")):
+            again = mod.wf.run_local(self.tmp / "run", n=4)  # every task is copied whole from the mended run
+        store = again.store
+        columns = ("array_index", "state", "input", "identity", "input_hash", "output", "output_hash")
+        for task in ("prepare", "square", "total"):
+            expected = [tuple(i[c] for c in columns) for i in store.list_task_instances(mended.run_id, task)]
+            copied = store.list_task_instances(again.run_id, task)
+            self.assertEqual([tuple(i[c] for c in columns) for i in copied], expected)
+            self.assertTrue(all(i["cached"] for i in copied), task)
+        events = [e["event"] for e in store.list_events(again.run_id) if e["task_name"] == "square"]
+        self.assertEqual(events, ["cached"] * 4)
+        self.assertEqual(store.get_task_specs(again.run_id)[1]["width"], 4)
+        self.assertEqual(failed.state, "FAILED")
+
     def test_force_tasks_reaches_downstream(self) -> None:
         mod = self.flow()
         mod.wf.run_local(self.tmp / "run", n=3)
@@ -1202,14 +1225,10 @@ class TestTomlReader(unittest.TestCase):
                 self.assertIn(expected, str(caught.exception))
 
     def test_parse_toml_uses_reader_without_tomllib(self):
-        saved = reflow._tomllib
-        reflow._tomllib = None
-        try:
+        with mock.patch.object(reflow, "_tomllib", lambda: None):
             self.assertEqual(reflow._parse_toml("[a]\nb = 1\n", "f"), {"a": {"b": 1}})
             with self.assertRaisesRegex(reflow.ConfigError, r"^config f line 2: "):
                 reflow._parse_toml("a = 1\nb\n", "f")
-        finally:
-            reflow._tomllib = saved
 
 
 # =============================================================================
