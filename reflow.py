@@ -2688,12 +2688,24 @@ _RETRY_FIELDS = ("state = 'RETRYING', attempt = attempt + 1, error_text = NULL, 
                  "job_id = NULL, reason = '', exit_code = NULL, started_at = NULL, finished_at = NULL, cached = 0")
 
 
-def _duration(started: Optional[str], finished: Optional[str]) -> Optional[float]:
-    """Return the seconds between two ISO timestamps, or None when one is missing or unreadable."""
-    try:
-        return (_dt.datetime.fromisoformat(str(finished)) - _dt.datetime.fromisoformat(str(started))).total_seconds()
-    except (TypeError, ValueError):
+def _parse_utc(text: Optional[str]) -> Optional[_dt.datetime]:
+    """Parse a stored ISO-8601 time (naive means UTC); None for an empty or malformed value."""
+    if not text:
         return None
+    try:
+        moment = _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=_dt.timezone.utc)
+
+
+def _duration(started: Optional[str], finished: Optional[str]) -> Optional[float]:
+    """Return the seconds between two stored times (to now when ``finished`` is empty); None without a start."""
+    begin = _parse_utc(started)
+    if begin is None:
+        return None
+    end = _parse_utc(finished) or _dt.datetime.now(_dt.timezone.utc)
+    return max(0.0, (end - begin).total_seconds())
 
 
 def _sqlite_busy(exc: BaseException) -> bool:
@@ -6348,26 +6360,6 @@ _DONE_STATES = ("SUCCESS", "FAILED", "CANCELLED")
 _QUEUED_STATES = ("PENDING", "SUBMITTED", "RETRYING")
 
 
-def _parse_utc(text: Optional[str]) -> Optional[_dt.datetime]:
-    """Parse a stored ISO-8601 time (naive means UTC); None for an empty or malformed value."""
-    if not text:
-        return None
-    try:
-        moment = _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=_dt.timezone.utc)
-
-
-def _seconds(start: Optional[str], end: Optional[str]) -> Optional[float]:
-    """Return seconds from ``start`` to ``end`` (now when ``end`` is empty); None without a start."""
-    begin = _parse_utc(start)
-    if begin is None:
-        return None
-    finish = _parse_utc(end) or _dt.datetime.now(_dt.timezone.utc)
-    return max(0.0, (finish - begin).total_seconds())
-
-
 def format_duration(seconds: Optional[float]) -> str:
     """Render seconds as ``850ms``, ``42s``, ``3m05s`` or ``2h04m`` (``-`` for None)."""
     if seconds is None:
@@ -6385,7 +6377,7 @@ def format_duration(seconds: Optional[float]) -> str:
 def run_duration(run: Mapping[str, Any]) -> Optional[float]:
     """Return how long a run has lasted: to its last update when it ended, to now while RUNNING."""
     running = run.get("status") == RunState.RUNNING.value
-    return _seconds(run.get("created_at"), None if running else (run.get("updated_at") or run.get("created_at")))
+    return _duration(run.get("created_at"), None if running else (run.get("updated_at") or run.get("created_at")))
 
 
 def run_progress(summary: Mapping[str, Mapping[str, int]]) -> Dict[str, Any]:
@@ -6435,7 +6427,7 @@ def run_status(store: Store, run_id: str) -> Dict[str, Any]:
 def _task_status(spec: Mapping[str, Any], counts: Mapping[str, int],
                  instances: Sequence[Mapping[str, Any]]) -> Dict[str, Any]:
     """Return one task's entry of :func:`run_status`."""
-    ran = (_seconds(i["started_at"], i["finished_at"]) for i in instances if not i["cached"])
+    ran = (_duration(i["started_at"], i["finished_at"]) for i in instances if not i["cached"])
     failed = [{"index": i["array_index"], "job_id": i["job_id"], "attempt": i["attempt"],
                "exit_code": i["exit_code"], "reason": i["reason"] or ""}
               for i in instances if i["state"] == TaskState.FAILED.value]
@@ -6490,7 +6482,7 @@ def _status_row(entry: Mapping[str, Any]) -> Tuple[str, ...]:
 def _format_instance(inst: Mapping[str, Any], errors: bool, colour: bool = False) -> List[str]:
     """Render one instance line (and its error tail when asked)."""
     label = inst["task_name"] + ("" if inst["array_index"] is None else f"[{inst['array_index']}]")
-    took = _seconds(inst.get("started_at"), inst.get("finished_at"))  # per element, also when packed
+    took = _duration(inst.get("started_at"), inst.get("finished_at"))  # per element, also when packed
     took_text = "" if took is None else f"  {format_duration(took)}"
     exit_code = "" if inst.get("exit_code") is None else f"  exit {inst['exit_code']}"
     reason = f"  {inst['reason']}" if inst.get("reason") else ""
@@ -9091,7 +9083,7 @@ def _duration_table(status: Mapping[str, Any], by_task: Mapping[str, List[Mappin
     for task in status["tasks"]:
         members = by_task[task["name"]]
         times = sorted(d for inst in members if not inst["cached"] and inst["finished_at"]
-                       for d in [_seconds(inst["started_at"], inst["finished_at"])] if d is not None)
+                       for d in [_duration(inst["started_at"], inst["finished_at"])] if d is not None)
         attempts = sum(len(spans.get(inst["id"], [])) for inst in members)
         figures = ([format_duration(times[0]), format_duration(_median(times)), format_duration(times[-1]),
                     format_duration(sum(times))] if times else ["-"] * 4)
