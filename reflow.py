@@ -4629,6 +4629,10 @@ class SlurmExecutor(_BatchExecutor):
             124_[2-10%2]|PENDING|JobArrayTaskLimit|0|
             124_1|FAILED|NonZeroExitCode|768|
             125|PENDING|DependencyNeverSatisfied|0|
+
+        A FAILED row whose status is still 0 counts as RUNNING ("ending"):
+        the controller sets the state before the exit status, and the next
+        query (or sacct) tells the real one.
         """
         rows: Dict[str, JobInfo] = {}
         for line in text.splitlines():
@@ -4637,7 +4641,10 @@ class SlurmExecutor(_BatchExecutor):
                 continue
             status = fields[3].strip()
             exit_text = f"{int(status) >> 8}:{int(status) & 0x7F}" if status.isdigit() else ""
-            rows.update(dict.fromkeys(cls._expand_id(fields[0]), cls._info(fields[1], exit_text, fields[2])))
+            info = cls._info(fields[1], exit_text, fields[2])
+            if fields[1].strip() == "FAILED" and status == "0":  # marked failed before its exit status was recorded
+                info = JobInfo("RUNNING", "ending")
+            rows.update(dict.fromkeys(cls._expand_id(fields[0]), info))
         return rows
 
     @staticmethod
@@ -7004,11 +7011,7 @@ def graceful_shutdown() -> Iterator[None]:
 
 def _position_index(positions: str, offset: int) -> int:
     """Return element ``offset`` of a positions spec (``@file`` reads it from a file)."""
-    spec = Path(positions[1:]).read_text() if positions.startswith("@") else positions
-    indices = _expand_indices(spec)
-    if not 0 <= offset < len(indices):
-        raise ParameterError(f"array position {offset} is outside the {len(indices)} positions of this job")
-    return indices[offset]
+    return _position_chunk(positions, offset, 1)[0]
 
 
 def _current_job_id() -> str:
@@ -7025,8 +7028,9 @@ def _position_chunk(positions: str, offset: int, pack: int) -> List[int]:
     indices = _expand_indices(spec)
     chunk = indices[offset * pack:(offset + 1) * pack] if offset >= 0 else []
     if not chunk:
-        raise ParameterError(f"packed array element {offset} is outside the {len(indices)} positions of this job "
-                             f"({pack} per element)")
+        per_element = f" ({pack} per element)" if pack > 1 else ""
+        raise ParameterError(f"array position {offset} is outside the {len(indices)} positions of this job"
+                             + per_element)
     return chunk
 
 
@@ -7045,10 +7049,8 @@ def run_worker(wf: Workflow, run_id: str, store_path: Union[str, Path], run_dir:
         params = store.get_run_parameters(run_id)
         spec = wf._task(task)
         indices: List[Optional[int]] = [None]
-        if positions and pack:
-            indices = list(_position_chunk(positions, (resolve_index(None) or 0) - base, pack))
-        elif positions:
-            indices = [_position_index(positions, (resolve_index(None) or 0) - base)]
+        if positions:
+            indices = list(_position_chunk(positions, (resolve_index(None) or 0) - base, pack or 1))
         elif spec.is_array:
             indices = [resolve_index(index)]
         insts = [store.get_task_instance(run_id, task, i) for i in indices]
@@ -7777,8 +7779,7 @@ class _Dispatcher:
 
     def _run_inline_process(self, spec: TaskSpec, command: List[str], env: Dict[str, str]) -> Optional[int]:
         """Run an inline worker with its output in the task's log files; return its exit code (None: timed out)."""
-        logs = self.run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
+        logs = _private_dir(self.run_dir / "logs")
         job = re.sub(r"[^\w.-]", "_", self.own_job)  # the name _log_entry looks for
         stem = logs / f"{spec.name}-{job}"
         with open(f"{stem}.out", "ab") as out, open(f"{stem}.err", "ab") as err:

@@ -2583,10 +2583,12 @@ class TestSlurmParsers(unittest.TestCase):
         rows = SlurmExecutor._parse_squeue("123|RUNNING|None\n124_[2-4%2]|PENDING|JobArrayTaskLimit\n"
                                            "124_1|RUNNING|None\n125|PENDING|DependencyNeverSatisfied\n"
                                            "126|FAILED|NonZeroExitCode\n127|FAILED|NonZeroExitCode|768|\n"
-                                           "128|FAILED|JobLaunchFailure|9|\n129|COMPLETED|None|0|\n")
+                                           "128|FAILED|JobLaunchFailure|9|\n129|COMPLETED|None|0|\n"
+                                           "130|FAILED|NonZeroExitCode|0|\n")
         self.assertEqual(rows["127"], JobInfo("FAILED", "exit 3", 3))
         self.assertEqual(rows["128"], JobInfo("FAILED", "signal 9", 137))
         self.assertEqual(rows["129"], JobInfo("COMPLETED", "", 0))
+        self.assertEqual(rows["130"], JobInfo("RUNNING", "ending"))  # exit status not recorded yet
         self.assertEqual(rows["123"].state, "RUNNING")
         self.assertEqual([rows[f"124_{i}"].state for i in (1, 2, 3, 4)], ["RUNNING"] + ["PENDING"] * 3)
         self.assertEqual(rows["125"], JobInfo("FAILED", "DEPENDENCY_NEVER_SATISFIED"))
