@@ -382,21 +382,23 @@ class Bench:
             print("8: skipped (no sbatch/sacct on PATH)", flush=True)
             return
         n, reps = 200, 1 if self.quick else 2
-        samples = {"ours": [], "chain": [], "theirs": []}
-        calls = {"ours": [], "chain": [], "theirs": []}
-        order = ["ours", "chain", "theirs"]
+        order = ["ours", "inline", "chain", "theirs"]
+        samples = {impl: [] for impl in order}
+        calls = {impl: [] for impl in order}
         for rep in range(reps):
-            for impl in order[rep % 3:] + order[:rep % 3]:
+            for impl in order[rep % len(order):] + order[:rep % len(order)]:
                 home = self.home()
                 wrappers, log = self.scheduler_wrappers(home)
                 sample = self.run(*self.slurm_command(impl, home, n, wrappers), cwd=home, timeout=900)
                 self.check(sample, f"slurm {impl}")
-                if impl == "ours" and "SUCCESS" not in sample.stdout:
+                if impl in ("ours", "inline") and "SUCCESS" not in sample.stdout:
                     raise RuntimeError(f"slurm ours: the run did not end in SUCCESS:\n{sample.stdout[-500:]}")
                 samples[impl].append(sample)
                 calls[impl].append(count_calls(log))
-        ours, chain, theirs = (Measure(statistics.median(s.wall for s in samples[k])) for k in order)
+        ours, inline, chain, theirs = (Measure(statistics.median(s.wall for s in samples[k])) for k in order)
         self.row(8, f"Slurm 3 stages, N={n} (wall)", ours, "sbatch --dependency chain", chain,
+                 ("ours/chain", lambda o, t: o / t), "<= 1.15", lambda o, t: o <= 1.15 * t)
+        self.row(8, f"Slurm 3 stages, N={n}, inline=True (wall)", inline, "sbatch --dependency chain", chain,
                  ("ours/chain", lambda o, t: o / t), "<= 1.15", lambda o, t: o <= 1.15 * t)
         self.row(8, f"Slurm 3 stages, N={n} (wall)", ours, "reflow-hpc", theirs, ("hpc/ours", lambda o, t: t / o))
         for impl in order:
@@ -410,6 +412,10 @@ class Bench:
             argv = [self.python, HERE / "flow.py", "submit", "--executor", "slurm", "--run-dir", home / "run", "--n",
                     n, "--wait"]
             return argv, self.env("ours", home, path_prefix=wrappers)
+        if impl == "inline":  # the same pipeline run inside its dispatch job (issue 7's pilot mode)
+            argv = [self.python, HERE / "pack_flow.py", "submit", "--executor", "slurm", "--run-dir", home / "run",
+                    "--n", n, "--wait"]
+            return argv, dict(self.env("ours", home, path_prefix=wrappers), BENCH_INLINE="1")
         if impl == "chain":
             return ["bash", HERE / "slurm_chain.sh", n], self.env("plain", home, path_prefix=wrappers)
         argv = [self.python, HERE / "driver.py", "slurm_cli", n, home / "run"]
@@ -590,7 +596,8 @@ METHOD = [
     "Scenario 6 and the ours side of 7 use a recording Executor subclass (bench/driver.py `fake`): nothing runs. "
     "7 times a whole fresh process (import, submit, one dispatch cycle planning and submitting all N elements) "
     "against `snakemake -n --cores 1 --quiet` building the same DAG from a generated Snakefile.",
-    "Scenario 8: ours is `flow.py submit --executor slurm --wait` (polls the store every 0.5 s); the chain is "
+    "Scenario 8: ours is `flow.py submit --executor slurm --wait` (polls the store every 0.5 s); `inline=True` "
+    "is the same pipeline from bench/pack_flow.py with every task run inside the dispatch job; the chain is "
     "bench/slurm_chain.sh (polls sacct every 0.1 s); reflow-hpc is its own `flow.py submit` with its default "
     "Slurm executor, the store polled every 0.2 s. Scheduler calls are counted by argv-logging wrappers on PATH, "
     "which the jobs inherit.",
