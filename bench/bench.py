@@ -596,6 +596,7 @@ METHOD = [
     "Scenario 6 and the ours side of 7 use a recording Executor subclass (bench/driver.py `fake`): nothing runs. "
     "7 times a whole fresh process (import, submit, one dispatch cycle planning and submitting all N elements) "
     "against `snakemake -n --cores 1 --quiet` building the same DAG from a generated Snakefile.",
+    "Packing (issue 7) is measured on its own by bench/pack_slurm.py: see bench/PACKING.md.",
     "Scenario 8: ours is `flow.py submit --executor slurm --wait` (polls the store every 0.5 s); `inline=True` "
     "is the same pipeline from bench/pack_flow.py with every task run inside the dispatch job; the chain is "
     "bench/slurm_chain.sh (polls sacct every 0.1 s); reflow-hpc is its own `flow.py submit` with its default "

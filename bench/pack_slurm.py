@@ -2,7 +2,7 @@
 
     python3 bench/pack_slurm.py                 N=40 and N=1000, 3 and 2 repetitions
     python3 bench/pack_slurm.py --n 40 --reps 3 --configs pilot,chain
-    python3 bench/pack_slurm.py --write         also append the table to bench/RESULTS.md
+    python3 bench/pack_slurm.py --write         also append the table to bench/PACKING.md
 
 Configurations (bench/pack_flow.py, reflow.py from this checkout):
     unpacked  one Slurm array element per element (the default)
@@ -146,7 +146,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, action="append", help="widths (default 40 and 1000)")
     parser.add_argument("--reps", type=int, help="repetitions (default 3 at N<=200, else 2)")
     parser.add_argument("--configs", default="pilot,auto,packed,unpacked,chain")
-    parser.add_argument("--write", action="store_true", help="append the table to bench/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="append the table to bench/PACKING.md")
     args = parser.parse_args(argv)
     if not shutil.which("sbatch") or not shutil.which("sacct"):
         print("pack_slurm: no sbatch/sacct on PATH", file=sys.stderr)
@@ -188,7 +188,7 @@ def main(argv=None):
     table = render(rows)
     print(table)
     if args.write:
-        with open(HERE / "RESULTS.md", "a") as out:
+        with open(HERE / "PACKING.md", "a") as out:
             out.write("\n" + table)
     return 0
 
