@@ -82,7 +82,6 @@ import dataclasses
 import datetime as _dt
 import enum
 import errno
-import html
 import importlib
 import importlib.machinery
 import importlib.util
@@ -93,16 +92,13 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 import types
 import typing
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
@@ -243,6 +239,11 @@ def _lazy_regex(pattern: str, flags: int = 0) -> re.Pattern[str]:
     return typing.cast("re.Pattern[str]", _LazyRegex(pattern, flags))
 
 
+def _random_hex(digits: int) -> str:
+    """Return ``digits`` random hex digits (for unique file and job names)."""
+    return os.urandom((digits + 1) // 2).hex()[:digits]
+
+
 def _utcnow() -> str:
     """Return the current UTC time as an ISO-8601 string with microseconds."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
@@ -296,7 +297,7 @@ def _atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0
     """
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{_random_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -2200,7 +2201,6 @@ _CODEC_DUMPERS: Dict[type, Callable[[ManifestCodec, Any], Any]] = {
     frozenset: ManifestCodec._dump_unordered,
     bytes: _dump_bytes,
     bytearray: _dump_bytes,
-    uuid.UUID: lambda codec, value: codec._tag("uuid", str(value)),
     _dt.datetime: lambda codec, value: codec._tag("datetime", value.isoformat()),
     _dt.date: lambda codec, value: codec._tag("date", value.isoformat()),
     _dt.time: lambda codec, value: codec._tag("time", value.isoformat()),
@@ -2214,7 +2214,6 @@ _CODEC_BASE_DUMPERS: Tuple[Tuple[type, Callable[[ManifestCodec, Any], Any]], ...
     (_dt.date, _CODEC_DUMPERS[_dt.date]),
     (_dt.time, _CODEC_DUMPERS[_dt.time]),
     (_dt.timedelta, _CODEC_DUMPERS[_dt.timedelta]),
-    (uuid.UUID, _CODEC_DUMPERS[uuid.UUID]),
     (str, lambda codec, value: str.__str__(value)),
     (int, lambda codec, value: int(value)),
     (float, lambda codec, value: codec._dump_float(float(value))),
@@ -2228,6 +2227,13 @@ _CODEC_BASE_DUMPERS: Tuple[Tuple[type, Callable[[ManifestCodec, Any], Any]], ...
 )
 
 
+#: (module, class, encoder) of types whose module reflow does not import itself.
+_LAZY_DUMPERS: Tuple[Tuple[str, str, Callable[[ManifestCodec, Any], Any]], ...] = (
+    ("decimal", "Decimal", _dump_decimal),
+    ("uuid", "UUID", lambda codec, value: codec._tag("uuid", str(value))),
+)
+
+
 def _find_dumper(kind: type) -> Optional[Callable[[ManifestCodec, Any], Any]]:
     """Find (and cache) the encoder of a type that is not a plain JSON type."""
     dumper: Optional[Callable[[ManifestCodec, Any], Any]] = None
@@ -2237,9 +2243,10 @@ def _find_dumper(kind: type) -> Optional[Callable[[ManifestCodec, Any], Any]]:
         dumper = ManifestCodec._dump_dataclass
     else:
         dumper = next((found for base, found in _CODEC_BASE_DUMPERS if issubclass(kind, base)), None)
-    decimal_module = sys.modules.get("decimal")  # a Decimal exists only if decimal was imported
-    if dumper is None and decimal_module is not None and issubclass(kind, decimal_module.Decimal):
-        dumper = _dump_decimal
+    for module, name, lazy_dumper in _LAZY_DUMPERS:  # a Decimal or UUID exists only if its module was imported
+        loaded = sys.modules.get(module)
+        if dumper is None and loaded is not None and issubclass(kind, getattr(loaded, name)):
+            dumper = lazy_dumper
     if dumper is not None:
         _CODEC_DUMPERS[kind] = dumper
     return dumper
@@ -2260,7 +2267,7 @@ _CODEC_LOADERS: Dict[str, Callable[[ManifestCodec, Dict[str, Any]], Any]] = {
     "date": lambda codec, tag: _dt.date.fromisoformat(tag["value"]),
     "time": lambda codec, tag: _dt.time.fromisoformat(tag["value"]),
     "timedelta": lambda codec, tag: _dt.timedelta(seconds=tag["value"]),
-    "uuid": lambda codec, tag: uuid.UUID(tag["value"]),
+    "uuid": lambda codec, tag: importlib.import_module("uuid").UUID(tag["value"]),
     "tuple": lambda codec, tag: tuple(tag["value"]),
     "set": lambda codec, tag: set(tag["value"]),
     "frozenset": lambda codec, tag: frozenset(tag["value"]),
@@ -4303,7 +4310,7 @@ class _BatchExecutor(Executor):
         """Write an executable job script under ``<workdir or cwd>/.reflow/jobs/``."""
         directory = _private_dir(Path(resources.workdir or os.getcwd()) / ".reflow" / "jobs")
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", resources.job_name or "job")[:60]
-        path = directory / f"{stem}-{uuid.uuid4().hex[:10]}.sh"
+        path = directory / f"{stem}-{_random_hex(10)}.sh"
         _atomic_write(path, "\n".join(["#!/bin/sh", f"# reflow {self.name} job script", *lines]) + "\n", 0o700)
         return path
 
@@ -5766,7 +5773,7 @@ class LocalExecutor(Executor):
             log.info("dry-run: would run %s", _shell_join(command))
             return "DRYRUN"
         spool = self._spool()
-        job_id = f"{int(time.time() * 1000) % 10**10:010d}{uuid.uuid4().hex[:6]}"
+        job_id = f"{int(time.time() * 1000) % 10**10:010d}{_random_hex(6)}"
         bounds = resources.array_bounds()
         options = self._normalize_options(resources.options)
         record = {
@@ -5938,6 +5945,8 @@ class _CpuSlots:
     """
 
     def __init__(self, total: int) -> None:
+        import tempfile  # lazy: only local jobs need it
+
         base = Path(tempfile.gettempdir()) / f"reflow-slots-{os.getuid() if hasattr(os, 'getuid') else 0}"
         self.dir = _private_dir(base)
         if self.dir.stat().st_uid != os.getuid():
@@ -6176,6 +6185,8 @@ def default_executor(config: Optional[Config] = None) -> Executor:
 
 def _detect_scheduler(config: Config) -> str:
     """Name the scheduler whose client commands are on PATH, else ``local``."""
+    import shutil  # lazy: only auto-detection needs it
+
     for name, binary in (("slurm", "sbatch"), ("lsf", "bsub"), ("flux", "flux")):
         if shutil.which(config.executor_binary(binary)):
             return name
@@ -7871,7 +7882,7 @@ class _Dispatcher:
         text = _compress_indices(indices)
         if len(text) <= 512:
             return text
-        path = _private_dir(self.run_dir / ".reflow" / "positions") / f"{spec.name}-{uuid.uuid4().hex[:12]}.txt"
+        path = _private_dir(self.run_dir / ".reflow" / "positions") / f"{spec.name}-{_random_hex(12)}.txt"
         _atomic_write(path, text)
         return f"@{path}"
 
@@ -8549,7 +8560,7 @@ def _current_user() -> str:
 def make_run_id(workflow_name: str) -> str:
     """Return a new run id ``<name>-<YYYYMMDD UTC>-<8 hex>``."""
     day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
-    return f"{workflow_name}-{day}-{uuid.uuid4().hex[:8]}"
+    return f"{workflow_name}-{day}-{_random_hex(8)}"
 
 
 class _LocalRun:
@@ -8807,6 +8818,8 @@ def render_report(data: Mapping[str, Any]) -> str:
 
 def _esc(value: Any) -> str:
     """Return ``value`` as text safe inside HTML and SVG, attributes included."""
+    import html  # lazy: only the report needs it
+
     return html.escape(str(value), quote=True)
 
 
