@@ -249,16 +249,26 @@ def _utcnow() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
+def _load_sha256(data: bytes) -> Any:
+    """Import hashlib on first use (loading OpenSSL is a tenth of ``import reflow``), then hash ``data``.
+
+    It rebinds ``_sha256`` to ``hashlib.sha256``, so later hashes (millions
+    of them in a big run) cost no extra Python call.
+    """
+    global _sha256
+    import hashlib
+
+    _sha256 = hashlib.sha256
+    return _sha256(data)
+
+
+#: ``hashlib.sha256`` once anything has been hashed.
+_sha256: Callable[[bytes], Any] = _load_sha256
+
+
 def _hash16(text: str) -> str:
     """Return the first 16 hex digits of the sha256 of ``text``."""
-    return _sha256_hex(text.encode("utf-8"))[:16]
-
-
-def _sha256_hex(data: bytes) -> str:
-    """Return the sha256 hex digest of ``data``."""
-    import hashlib  # lazy: loading OpenSSL is a tenth of ``import reflow``
-
-    return hashlib.sha256(data).hexdigest()
+    return _sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 _CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -3711,7 +3721,7 @@ def compute_input_hash(task: str, version: str, inputs: Any, params: Optional[Ma
 
 def compute_identity(input_hash: str, upstream_hashes: Iterable[str]) -> str:
     """Combine an input hash with the output hashes of ``after=`` dependencies."""
-    return _sha256_hex((input_hash + "|" + "|".join(sorted(upstream_hashes))).encode())[:16]
+    return _sha256((input_hash + "|" + "|".join(sorted(upstream_hashes))).encode()).hexdigest()[:16]
 
 
 def compute_output_hash(output: Any) -> str:
