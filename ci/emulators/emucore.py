@@ -638,7 +638,9 @@ class Runner:
             if not path:
                 fd = os.open(os.devnull, os.O_WRONLY)
             else:
-                flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" or rank else os.O_TRUNC)
+                # Every rank appends (rank 0 truncates first): a rank writing at its own offset would
+                # overwrite the lines of ranks that wrote before it.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if mode != "a" and not rank else 0)
                 fd = os.open(path, flags, 0o644)
             job.fds.append(fd)
             fds.append(fd)
