@@ -199,6 +199,10 @@ class TransientSchedulerError(ExecutorError):
     """A scheduler command failed in a way that may clear when retried."""
 
 
+class SubmitUncertain(TransientSchedulerError):
+    """A submit command failed in a way after which the job may exist anyway (it timed out)."""
+
+
 class TaskInterrupted(ReflowError):
     """A task was interrupted by a signal (SIGTERM before walltime, SIGINT)."""
 
@@ -3825,6 +3829,12 @@ def _is_transient(result: CommandResult) -> bool:
     return any(marker in text for marker in TRANSIENT_MARKERS)
 
 
+def _is_uncertain(result: CommandResult) -> bool:
+    """Tell whether a failed submit may have gone through: it timed out, here or in the scheduler's client."""
+    text = f"{result.stdout}\n{result.stderr}".lower()
+    return result.returncode == 124 or "timed out" in text
+
+
 def run_cmd(
     cmd: Sequence[str],
     *,
@@ -4273,11 +4283,27 @@ class _BatchExecutor(Executor):
         """Tell whether a failed scheduler command is worth retrying."""
         return result.returncode in self._transient_codes or _is_transient(result)
 
+    #: Whether a submit that may have gone through anyway (it timed out) is simply retried.  The
+    #: dispatcher turns this off while it submits task jobs: their names are unique, so it looks
+    #: them up instead of risking a second job (see ``_Dispatcher._submit_or_adopt``).
+    retry_uncertain_submits = True
+
     def _run(self, argv: Sequence[str], *, check: bool = True, input: Optional[str] = None,
-             env: Optional[Mapping[str, str]] = None) -> CommandResult:
-        """Run a scheduler command with transient-error retries."""
-        return run_cmd(argv, check=check, input=input, env=env, retries=_sched_retries(),
-                       backoff=_sched_backoff(), transient=self._transient, timeout=_sched_timeout())
+             env: Optional[Mapping[str, str]] = None, submit: bool = False) -> CommandResult:
+        """Run a scheduler command with transient-error retries.
+
+        A ``submit`` command that timed out raises SubmitUncertain instead of
+        being retried when ``retry_uncertain_submits`` is off.
+        """
+        careful = submit and not self.retry_uncertain_submits
+        transient = (lambda r: self._transient(r) and not _is_uncertain(r)) if careful else self._transient
+        try:
+            return run_cmd(argv, check=check, input=input, env=env, retries=_sched_retries(),
+                           backoff=_sched_backoff(), transient=transient, timeout=_sched_timeout())
+        except ExecutorError as exc:
+            if careful and exc.result is not None and _is_uncertain(exc.result):
+                raise SubmitUncertain(str(exc), exc.result) from None
+            raise
 
     def _dry_run(self, argv: Sequence[str]) -> str:
         """Log what would be submitted and return ``DRYRUN``."""
@@ -4482,7 +4508,7 @@ class SlurmExecutor(_BatchExecutor):
                 "--wrap", "\n".join(self._script_lines(resources, command))]
         if self.mode == "dry-run":
             return self._dry_run(argv)
-        return self._parse_submit(self._run(argv))
+        return self._parse_submit(self._run(argv, submit=True))
 
     def _resource_flags(self, resources: JobResources) -> List[str]:
         """Map the JobResources fields to sbatch flags."""
@@ -4783,7 +4809,7 @@ class PBSExecutor(_BatchExecutor):
         argv.append(str(script))
         if self.mode == "dry-run":
             return self._dry_run(argv)
-        return self._parse_submit(self._run(argv))
+        return self._parse_submit(self._run(argv, submit=True))
 
     def _resource_flags(self, resources: JobResources, options: Dict[str, Any]) -> List[str]:
         """Map the JobResources fields to qsub flags (``select`` chunk or Torque ``nodes``)."""
@@ -5032,14 +5058,14 @@ class LSFExecutor(_BatchExecutor):
         script = "\n".join(["#!/bin/sh", "# reflow lsf job script", *self._script_lines(resources, command)]) + "\n"
         if self.mode == "dry-run":
             return self._dry_run(argv)
-        result = self._run(argv, input=script)
+        result = self._run(argv, input=script, submit=True)
         for _ in range(_sched_retries()):
             if result.stdout.strip():
                 break
             # A flaky client may exit 0 without a word: ERT retries that too.
             log.warning("bsub printed nothing; retrying")
             time.sleep(_sched_backoff())
-            result = self._run(argv, input=script)
+            result = self._run(argv, input=script, submit=True)
         return self._parse_submit(result)
 
     def _resource_flags(self, resources: JobResources, options: Dict[str, Any]) -> List[str]:
@@ -5261,7 +5287,7 @@ class SGEExecutor(_BatchExecutor):
         argv.append(str(self._write_script(resources, self._script_lines(resources, command))))
         if self.mode == "dry-run":
             return self._dry_run(argv)
-        return self._parse_submit(self._run(argv))
+        return self._parse_submit(self._run(argv, submit=True))
 
     def _resource_flags(self, resources: JobResources, options: Dict[str, Any]) -> List[str]:
         """Map the JobResources fields to qsub flags."""
@@ -5571,9 +5597,10 @@ class FluxExecutor(_BatchExecutor):
         self.flux = flux
 
     def _run(self, argv: Sequence[str], *, check: bool = True, input: Optional[str] = None,
-             env: Optional[Mapping[str, str]] = None) -> CommandResult:
+             env: Optional[Mapping[str, str]] = None, submit: bool = False) -> CommandResult:
         # Ask for "f" ids: "ƒ" may not survive a non-UTF-8 locale.
-        return super()._run(argv, check=check, input=input, env=dict(os.environ, FLUX_F58_FORCE_ASCII="1"))
+        return super()._run(argv, check=check, input=input, env=dict(os.environ, FLUX_F58_FORCE_ASCII="1"),
+                            submit=submit)
 
     # ------------------------------------------------------------ submit
 
@@ -5600,7 +5627,7 @@ class FluxExecutor(_BatchExecutor):
         argv.append(str(self._write_script(resources, self._script_lines(resources, command))))
         if self.mode == "dry-run":
             return [self._dry_run(argv)]
-        return self._parse_submit(self._run(argv))
+        return self._parse_submit(self._run(argv, submit=True))
 
     def _resource_flags(self, resources: JobResources, options: Dict[str, Any]) -> List[str]:
         """Map the JobResources fields to flux submit flags."""
@@ -7864,20 +7891,41 @@ class _Dispatcher:
         recovering cycle plans the same waves again, so a job submitted just
         before the previous dispatcher died is found by name, not doubled.
         """
-        twin = self._adoptable(resources.job_name, size)
+        twin = self._adoptable(resources.job_name, size, self.found)
         if twin is not None:
             log.warning("adopting job(s) %s of %s submitted before a dispatcher crash", twin[:3], resources.job_name)
             return twin
-        if size is None:
-            return [self.executor.submit(resources, command)]
-        return self.executor.submit_array(resources, command, size, throttle)
+        try:
+            return self._submit_once(resources, command, size, throttle)
+        except SubmitUncertain as exc:  # it may have gone in: look before submitting again
+            twin = self._adoptable(resources.job_name, size, self.executor.find_jobs(resources.job_name))
+            if twin is not None:
+                log.warning("%s; adopting job(s) %s found by name", exc, twin[:3])
+                return twin
+            log.warning("%s; no job of that name: submitting again", exc)
+            return self._submit_once(resources, command, size, throttle)
 
-    def _adoptable(self, name: str, size: Optional[int]) -> Optional[List[str]]:
-        """Return the ids of a live job named ``name`` (elements for an array), if recovering."""
-        if self.found is None:
+    def _submit_once(self, resources: JobResources, command: List[str], size: Optional[int],
+                     throttle: Optional[int]) -> List[str]:
+        """Submit a job or an array; a submit that times out raises SubmitUncertain instead of resubmitting."""
+        blind = getattr(self.executor, "retry_uncertain_submits", None)  # batch schedulers have the switch
+        if blind is not None:
+            self.executor.retry_uncertain_submits = False  # type: ignore[attr-defined]
+        try:
+            if size is None:
+                return [self.executor.submit(resources, command)]
+            return self.executor.submit_array(resources, command, size, throttle)
+        finally:
+            if blind is not None:
+                self.executor.retry_uncertain_submits = blind  # type: ignore[attr-defined]
+
+    def _adoptable(self, name: str, size: Optional[int],
+                   found: Optional[Mapping[str, List[str]]]) -> Optional[List[str]]:
+        """Return the ids of a live job named ``name`` (elements for an array) among ``found``, if any."""
+        if found is None:
             return None
         native_name = getattr(self.executor, "_job_name", lambda text: text)(name)
-        ids = self.found.get(native_name)
+        ids = found.get(native_name)
         if not ids:
             return None
         if size is None:
@@ -7939,7 +7987,8 @@ class _Dispatcher:
             size = max(1, self.executor.max_array_size) if array else 1
             for start in range(0, len(rows), size):
                 chunk = rows[start:start + size]
-                ids = self._adoptable(self._job_name(spec, chunk[0][2], chunk[0][5]), len(chunk) if array else None)
+                ids = self._adoptable(self._job_name(spec, chunk[0][2], chunk[0][5]), len(chunk) if array else None,
+                                      self.found)
                 pairs.extend(zip([row[0] for row in chunk], ids or []))
         if pairs:
             log.warning("adopting %d instance(s) submitted before a dispatcher crash", len(pairs))

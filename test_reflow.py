@@ -5831,6 +5831,47 @@ class LockFallbackTest(TempDirTest):
         self.assertIn("Stores on NFS", (HERE / "README.md").read_text())
 
 
+class _TimeoutOnceScheduler(_SpoolScheduler):
+    """Says the first task-job submit timed out (like sbatch when the controller is slow), whether or not it got in.
+
+    The dispatcher turns ``retry_uncertain_submits`` off for task jobs, as it
+    does on the real batch executors; this scheduler checks that it did.
+    """
+
+    retry_uncertain_submits = True
+
+    def __init__(self, spool: Path, went_through: bool) -> None:
+        super().__init__(spool)
+        self.went_through, self.timed_out = went_through, False
+
+    def submit(self, resources: JobResources, command) -> str:
+        if self.timed_out or resources.job_name.endswith("-dispatch") or self.retry_uncertain_submits:
+            return super().submit(resources, command)
+        self.timed_out = True
+        if self.went_through:
+            super().submit(resources, command)
+        raise reflow.SubmitUncertain("sbatch exited 124: sbatch: timed out after 60s",
+                                     reflow.CommandResult(["sbatch"], "", "sbatch: timed out after 60s", 124))
+
+
+class SubmitTimeoutTest(_SpoolRunTest):
+    """Fault 5: a task-job submit times out; whether it got in or not, the job is neither lost nor doubled."""
+
+    def test_a_timed_out_submit_is_looked_up_before_it_is_repeated(self) -> None:
+        for went_through in (True, False):
+            with self.subTest(went_through=went_through):
+                base = self.tmp / str(went_through)
+                sched = _TimeoutOnceScheduler(base / "spool", went_through)
+                store_path = base / "store" / "manifest.db"
+                with reflow.SqliteStore(store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+                    run_id = self.wf.submit(base / "run", store=store, executor=sched, n=4).run_id
+                _drive(self.wf, sched)
+                self.assertTrue(sched.timed_out)
+                _FaultFigures.faults += 1
+                self.assertCompleted(store_path, run_id, sched, 4)  # no task job name submitted twice
+                _FaultFigures.recovered += 1
+
+
 class SchedulerOutageTest(FakeSchedulerCase):
     """Fault 5: transient scheduler failures from a fake sbatch on PATH, at the level of whole runs."""
 
