@@ -6590,10 +6590,15 @@ def log_entries(store: Store, run_id: str, task: Optional[str] = None, index: Op
     return [_log_entry(run_dir, inst) for inst in instances]
 
 
+def _log_stem(run_dir: Path, task: str, job_id: str) -> Path:
+    """Return ``<run_dir>/logs/<task>-<job id>``: the start of the names of a job's log files."""
+    return run_dir / "logs" / (task + "-" + re.sub(r"[^\w.-]", "_", job_id))
+
+
 def _log_entry(run_dir: Path, inst: Mapping[str, Any]) -> Dict[str, Any]:
     """Describe one instance's log files, exit status and reason."""
-    job = re.sub(r"[^\w.-]", "_", inst["job_id"] or "")
-    found = sorted((run_dir / "logs").glob(f"{inst['task_name']}-{job}*")) if job else []
+    stem = _log_stem(run_dir, inst["task_name"], inst["job_id"]) if inst["job_id"] else None
+    found = sorted(stem.parent.glob(f"{stem.name}*")) if stem else []
     stdout = next((str(p) for p in found if p.suffix == ".out"), None)
     stderr = next((str(p) for p in found if p.suffix == ".err"), None)
     error = (inst.get("error_text") or "").rstrip().splitlines()
@@ -7827,9 +7832,8 @@ class _Dispatcher:
 
     def _run_inline_process(self, spec: TaskSpec, command: List[str], env: Dict[str, str]) -> Optional[int]:
         """Run an inline worker with its output in the task's log files; return its exit code (None: timed out)."""
-        logs = _private_dir(self.run_dir / "logs")
-        job = re.sub(r"[^\w.-]", "_", self.own_job)  # the name _log_entry looks for
-        stem = logs / f"{spec.name}-{job}"
+        _private_dir(self.run_dir / "logs")
+        stem = _log_stem(self.run_dir, spec.name, self.own_job)  # where _log_entry looks
         with open(f"{stem}.out", "ab") as out, open(f"{stem}.err", "ab") as err:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=self.run_dir,
                                     env=env)
