@@ -76,36 +76,69 @@ __all__ = [
 import abc
 import argparse
 import atexit
-import base64
+import collections
 import contextlib
-import dataclasses
 import datetime as _dt
 import enum
 import errno
 import importlib
 import importlib.machinery
-import importlib.util
-import inspect
 import itertools
 import json
 import math
 import os
 import re
-import shlex
-import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import types
-import typing
-from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
+
+#: ``typing.TYPE_CHECKING`` without importing typing: mypy reads the imports below, Python skips them.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import base64
+    import dataclasses
+    import inspect
+    import shlex
+    import signal
+    import typing
+    from dataclasses import dataclass as _dataclass
+    from dataclasses import field as _field
+    from pathlib import Path
+    from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 try:
     import fcntl
 except ImportError:  # Windows: locks become no-ops; clusters are POSIX.
     fcntl = None  # type: ignore[assignment]
+
+
+class _LoadOnUse:
+    """A module (or a class of it) imported on first use, then bound in its place: ``import reflow`` stays cheap."""
+
+    def __init__(self, module: str, attribute: str = "") -> None:
+        self._module, self._attribute = module, attribute
+
+    def _load(self) -> Any:
+        target = importlib.import_module(self._module)
+        if self._attribute:
+            target = getattr(target, self._attribute)
+        globals()[self._attribute or self._module] = target  # later uses skip this stand-in
+        return target
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._load(), name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._load()(*args, **kwargs)
+
+
+if not TYPE_CHECKING:  # what mypy sees imported above loads when first used
+    base64, dataclasses, inspect, shlex, signal, typing = map(
+        _LoadOnUse, ("base64", "dataclasses", "inspect", "shlex", "signal", "typing"))
+    Path = _LoadOnUse("pathlib", "Path")
 
 
 class _Log:
@@ -240,7 +273,102 @@ class _LazyRegex:
 
 def _lazy_regex(pattern: str, flags: int = 0) -> re.Pattern[str]:
     """Return a stand-in for ``re.compile(pattern, flags)`` that compiles when first used."""
-    return typing.cast("re.Pattern[str]", _LazyRegex(pattern, flags))
+    return _LazyRegex(pattern, flags)  # type: ignore[return-value]  # duck-typed stand-in
+
+
+class _FieldSpec:
+    """The arguments of a ``dataclasses.field()`` call, kept until its class becomes a dataclass."""
+
+    def __init__(self, options: Dict[str, Any]) -> None:
+        self.options = options
+
+
+class _DataclassOnFirstUse(type):
+    """Metaclass of reflow's dataclasses: each becomes a real dataclass when first instantiated or inspected.
+
+    ``dataclasses`` imports ``inspect``, and building ten dataclasses costs as
+    much again: together a third of ``import reflow``.  ``dataclasses.fields()``
+    and ``is_dataclass()`` look up ``__dataclass_fields__``, which lands in
+    ``__getattr__`` here while the class is pending, so they always see a
+    dataclass.
+    """
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith("__dataclass_") or name == "__match_args__":
+            _finish_dataclass(cls)
+        return type.__getattribute__(cls, name)
+
+
+#: Classes declared with _lazy_dataclass and not finished yet: their frozen flag (None while being finished).
+_PENDING_DATACLASSES: Dict[type, Optional[bool]] = {}
+_DATACLASS_LOCK = threading.RLock()
+#: Stand-ins a pending class carries: ``__new__`` finishes the class before the real ``__init__`` runs
+#: (and stays, as a plain ``object.__new__``); the others serve an instance made before (DEFAULT_CODEC).
+_STAND_INS = ("__new__", "__getattr__")
+_FROZEN_STAND_INS = ("__setattr__", "__delattr__")
+
+
+def _lazy_dataclass(cls: Optional[type] = None, *, frozen: bool = False) -> Any:
+    """Act as ``@dataclasses.dataclass`` for a class of metaclass _DataclassOnFirstUse, deferred to first use."""
+
+    def declare(cls: type) -> type:
+        for method in _STAND_INS + (_FROZEN_STAND_INS if frozen else ()):
+            setattr(cls, method, _stand_in(cls, method))
+        _PENDING_DATACLASSES[cls] = frozen
+        return cls
+
+    return declare if cls is None else declare(cls)
+
+
+def _stand_in(cls: type, method: str) -> Any:
+    """Return a method that finishes ``cls`` as a dataclass, then does what ``method`` was asked."""
+
+    def new(klass: type, *args: Any, **kwargs: Any) -> Any:
+        _finish_dataclass(cls)  # waits while another thread finishes it
+        return object.__new__(klass)
+
+    def getattr_(self: Any, name: str) -> Any:
+        _finish_dataclass(cls)
+        return object.__getattribute__(self, name)
+
+    def other(self: Any, *args: Any) -> Any:
+        _finish_dataclass(cls)
+        return getattr(cls, method)(self, *args)
+
+    return staticmethod(new) if method == "__new__" else getattr_ if method == "__getattr__" else other
+
+
+def _lazy_field(**options: Any) -> Any:
+    """Act as ``dataclasses.field(**options)`` inside a class declared with :func:`_lazy_dataclass`."""
+    return _FieldSpec(options)
+
+
+def _finish_dataclass(cls: type) -> None:
+    """Make a pending class a dataclass now (nothing when it is not pending)."""
+    with _DATACLASS_LOCK:
+        frozen = _PENDING_DATACLASSES.get(cls)
+        if frozen is None:  # not pending, or being finished by this thread
+            return
+        _PENDING_DATACLASSES[cls] = None
+        for method in ("__getattr__",) + (_FROZEN_STAND_INS if frozen else ()):
+            delattr(cls, method)
+        for name, value in list(vars(cls).items()):
+            if isinstance(value, _FieldSpec):
+                setattr(cls, name, dataclasses.field(**value.options))
+        dataclasses.dataclass(frozen=frozen)(cls)
+        # last: until here a new instance waits in the stand-in.  Deleting __new__ would leave CPython's
+        # __new__ slot calling object.__new__ with the constructor's arguments, which it refuses.
+        cls.__new__ = staticmethod(_plain_new)  # type: ignore[assignment]
+        del _PENDING_DATACLASSES[cls]
+
+
+def _plain_new(cls: type, *args: Any, **kwargs: Any) -> Any:
+    """``object.__new__`` for a class whose ``__new__`` must stay overridden (see _finish_dataclass)."""
+    return object.__new__(cls)
+
+
+if not TYPE_CHECKING:
+    _dataclass, _field = _lazy_dataclass, _lazy_field
 
 
 def _random_hex(digits: int) -> str:
@@ -1417,7 +1545,14 @@ class WireMode(str, enum.Enum):
 
 #: Modes in which an array task takes one element per instance.
 PER_ELEMENT_MODES = frozenset({WireMode.FAN_OUT, WireMode.CHAIN, WireMode.CHAIN_FLATTEN})
-_UNION_TYPES = (Union,) + ((types.UnionType,) if hasattr(types, "UnionType") else ())  # novermin
+#: ``X | Y`` objects (3.10+) besides ``typing.Union``.
+_NEW_UNION_TYPES = (types.UnionType,) if hasattr(types, "UnionType") else ()  # novermin
+
+
+def _is_union(tp: Any) -> bool:
+    """Tell whether ``tp`` is ``Union[...]``/``Optional[...]`` or ``X | Y``."""
+    origin = typing.get_origin(tp)
+    return origin is typing.Union or origin in _NEW_UNION_TYPES
 
 
 def _strip_annotated(tp: Any) -> Tuple[Any, List[Any]]:
@@ -1430,7 +1565,7 @@ def _strip_annotated(tp: Any) -> Tuple[Any, List[Any]]:
 
 def _strip_optional(tp: Any) -> Any:
     """Return ``T`` for ``Optional[T]``; other types unchanged."""
-    if typing.get_origin(tp) in _UNION_TYPES:
+    if _is_union(tp):
         members = [arg for arg in typing.get_args(tp) if arg is not type(None)]
         if len(members) == 1:
             return members[0]
@@ -1440,12 +1575,12 @@ def _strip_optional(tp: Any) -> Any:
 def _list_item(tp: Any) -> Tuple[bool, Any]:
     """Return ``(True, item_type)`` when ``tp`` is a list type, else ``(False, None)``."""
     tp = _strip_optional(_strip_annotated(tp)[0])
-    if tp in (list, List, Sequence, tuple, Tuple):
-        return True, Any
+    if tp in (list, typing.List, typing.Sequence, tuple, typing.Tuple):
+        return True, typing.Any
     origin = typing.get_origin(tp)
-    if origin in (list, tuple, typing.get_origin(Sequence)):
+    if origin in (list, tuple, typing.get_origin(typing.Sequence)):
         args = typing.get_args(tp)
-        return True, args[0] if args else Any
+        return True, args[0] if args else typing.Any
     return False, None
 
 
@@ -1468,11 +1603,12 @@ def _compatible(have: Any, want: Any) -> bool:
     """Tell whether a value of type ``have`` may be passed where ``want`` is declared."""
     have = _strip_optional(_strip_annotated(have)[0])
     want = _strip_optional(_strip_annotated(want)[0])
-    if have in (Any, inspect.Parameter.empty) or want in (Any, inspect.Parameter.empty) or have == want:
+    unknown = (typing.Any, inspect.Parameter.empty)
+    if have in unknown or want in unknown or have == want:
         return True
-    if typing.get_origin(want) in _UNION_TYPES:
+    if _is_union(want):
         return any(_compatible(have, member) for member in typing.get_args(want))
-    if typing.get_origin(have) in _UNION_TYPES:
+    if _is_union(have):
         return all(_compatible(member, want) for member in typing.get_args(have))
     have_list, have_item = _list_item(have)
     want_list, want_item = _list_item(want)
@@ -1557,7 +1693,7 @@ def _resolve_union_string(func: Callable, text: str) -> Any:
     except Exception as exc:
         raise TypeError(f"cannot evaluate annotation {text!r} of {func.__qualname__}: {exc}") from None
     members = tuple(resolved[f"p{i}"] for i in range(len(pieces)))
-    return members[0] if len(members) == 1 else Union[members]
+    return members[0] if len(members) == 1 else typing.Union[members]
 
 
 # =============================================================================
@@ -1565,17 +1701,17 @@ def _resolve_union_string(func: Callable, text: str) -> Any:
 # =============================================================================
 
 
-@dataclasses.dataclass
-class JobConfig:
+@_dataclass
+class JobConfig(metaclass=_DataclassOnFirstUse):
     """Scheduler resources and cache settings of one task (from ``@job``)."""
 
     cpus: int = DEFAULT_CPUS
     time: str = DEFAULT_TIME
     mem: str = DEFAULT_MEM
     array: bool = False
-    after: List[str] = dataclasses.field(default_factory=list)
+    after: List[str] = _field(default_factory=list)
     array_parallelism: Optional[int] = None
-    submit_options: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    submit_options: Dict[str, Any] = _field(default_factory=dict)
     version: str = "1"
     cache: bool = True
     backend: Optional[str] = None
@@ -1591,8 +1727,8 @@ class JobConfig:
     signal = property(lambda self: self.submit_options.get("signal"))
 
 
-@dataclasses.dataclass
-class CliParam:
+@_dataclass
+class CliParam(metaclass=_DataclassOnFirstUse):
     """One generated command-line flag, as read from a task signature."""
 
     name: str
@@ -1605,7 +1741,7 @@ class CliParam:
     help: str
     choices: Optional[List[Any]]
     short: Optional[str] = None
-    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    extra: Dict[str, Any] = _field(default_factory=dict)
 
     @property
     def dest(self) -> str:
@@ -1613,8 +1749,8 @@ class CliParam:
         return self.flag.lstrip("-").replace("-", "_")
 
 
-@dataclasses.dataclass
-class TaskSpec:
+@_dataclass
+class TaskSpec(metaclass=_DataclassOnFirstUse):
     """Everything reflow knows about one task (see ``Flow.job``)."""
 
     name: str
@@ -1624,7 +1760,7 @@ class TaskSpec:
     result_deps: Dict[str, Result]
     return_type: Any
     verify: Optional[Callable[[Any], bool]] = None
-    hints: Dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    hints: Dict[str, Any] = _field(default_factory=dict, repr=False)
 
     @property
     def is_array(self) -> bool:
@@ -2026,8 +2162,8 @@ def _import_qualified(name: str) -> Any:
     return None
 
 
-@dataclasses.dataclass(frozen=True)
-class ManifestCodec:
+@_dataclass(frozen=True)
+class ManifestCodec(metaclass=_DataclassOnFirstUse):
     """Encode Python values as JSON and back, tagging the types JSON lacks.
 
     Strings, ints, bools, None, finite floats, lists and dicts with str keys
@@ -2294,8 +2430,9 @@ _CODEC_LOADERS: Dict[str, Callable[[ManifestCodec, Dict[str, Any]], Any]] = {
     "dataclass": ManifestCodec._load_dataclass,
 }
 
-#: The codec every store, worker and manifest uses.
-DEFAULT_CODEC = ManifestCodec()
+#: The codec every store, worker and manifest uses.  Made without calling __init__ (its fields are the
+#: class defaults), so that ManifestCodec becomes a dataclass only on first use (_DataclassOnFirstUse).
+DEFAULT_CODEC = object.__new__(ManifestCodec)
 
 
 # =============================================================================
@@ -2344,15 +2481,9 @@ class RunState(str, enum.Enum):
     CANCELLED = "CANCELLED"
 
 
-class InstanceRow(typing.NamedTuple):
-    """A task instance without its JSON columns (the dispatcher's fast path)."""
-
-    id: int
-    task_name: str
-    array_index: Optional[int]
-    state: str
-    job_id: Optional[str]
-    attempt: int
+#: A task instance without its JSON columns (the dispatcher's fast path).  A collections
+#: namedtuple, not a typing.NamedTuple class: that would import typing with reflow.
+InstanceRow = collections.namedtuple("InstanceRow", ("id", "task_name", "array_index", "state", "job_id", "attempt"))
 
 
 class Store(abc.ABC):
@@ -3777,8 +3908,8 @@ def verify_cached_output(output: Any, return_type: Any, verify: Optional[Callabl
 # =============================================================================
 
 
-@dataclasses.dataclass
-class CommandResult:
+@_dataclass
+class CommandResult(metaclass=_DataclassOnFirstUse):
     """What a scheduler command printed and returned (streams stripped)."""
 
     cmd: List[str]
@@ -3898,8 +4029,8 @@ def _tail(text: str, lines: int = 3) -> str:
     return " | ".join(kept[-lines:])
 
 
-@dataclasses.dataclass
-class JobResources:
+@_dataclass
+class JobResources(metaclass=_DataclassOnFirstUse):
     """What one batch job (or array) asks the scheduler for.
 
     ``output_path``/``error_path`` may contain the tokens ``{job_id}`` and
@@ -3943,8 +4074,8 @@ class JobResources:
         return int(first), int(last or first), int(throttle) if throttle else None
 
 
-@dataclasses.dataclass(frozen=True)
-class JobInfo:
+@_dataclass(frozen=True)
+class JobInfo(metaclass=_DataclassOnFirstUse):
     """One job's state as the scheduler reports it.
 
     ``state`` is one of ``JOB_STATES``; ``reason`` keeps the scheduler's own
@@ -6908,7 +7039,8 @@ class _Planner:
         ``i`` reads only element ``i`` of each upstream task.
         """
         if spec.is_array and index is not None:
-            element = typing.cast(_ResultFileOutputs, self.outputs).element
+            assert isinstance(self.outputs, _ResultFileOutputs)  # set up so for forward-submitted arrays
+            element = self.outputs.element
             payload = {param: element(result.step, index) for param, result in spec.result_deps.items()}
             row = self._rows(spec, [(index, payload)])[0]
         else:
@@ -7112,11 +7244,12 @@ def run_worker(wf: Workflow, run_id: str, store_path: Union[str, Path], run_dir:
     missing = [i for i, inst in zip(indices, insts) if inst is None]
     if missing:
         raise StoreError(f"run {run_id!r} has no instance {task}[{missing[0]}]")
+    found = [inst for inst in insts if inst is not None]
     results = _results_dir(run_dir, run_id)
     job = _ElementRunner(wf, spec, params, results, store_path)
     if pack is None:
-        return 0 if job.run(typing.cast(Dict[str, Any], insts[0]))["state"] == TaskState.SUCCESS.value else 1
-    return _run_chunk(job, typing.cast(List[Dict[str, Any]], insts), slots)
+        return 0 if job.run(found[0])["state"] == TaskState.SUCCESS.value else 1
+    return _run_chunk(job, found, slots)
 
 
 class _ElementRunner:
@@ -8174,8 +8307,8 @@ def _crash_point(name: str) -> None:
 # =============================================================================
 
 
-@dataclasses.dataclass(frozen=True)
-class CliParamDescription:
+@_dataclass(frozen=True)
+class CliParamDescription(metaclass=_DataclassOnFirstUse):
     """One generated CLI flag, as written to the manifest."""
 
     name: str
@@ -8197,8 +8330,8 @@ class CliParamDescription:
         return data
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskDescription:
+@_dataclass(frozen=True)
+class TaskDescription(metaclass=_DataclassOnFirstUse):
     """One task, as written to the manifest."""
 
     name: str
@@ -8217,8 +8350,8 @@ class TaskDescription:
                 "return_type": self.return_type, "has_verify": self.has_verify}
 
 
-@dataclasses.dataclass(frozen=True)
-class WorkflowDescription:
+@_dataclass(frozen=True)
+class WorkflowDescription(metaclass=_DataclassOnFirstUse):
     """A validated workflow: tasks in topological order and CLI flags."""
 
     name: str
@@ -8570,7 +8703,7 @@ def _check_type(param: CliParam, value: Any) -> Any:
     expected = param.type
     if param.choices is not None and value not in param.choices:
         raise ParameterError(f"parameter {param.name!r}: {value!r} is not one of {param.choices}")
-    if value is None or not _is_class(expected) or expected is Any:
+    if value is None or not _is_class(expected) or expected is typing.Any:
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -291,7 +291,7 @@ class DefinitionTest(unittest.TestCase):
         self.assertIs(wf.job(cpus=2, partition="short")(f), f)
         spec = wf.tasks["f"]
         self.assertEqual((spec.config.cpus, spec.config.partition), (2, "short"))
-        self.assertEqual(sorted(reflow.dataclasses.asdict(spec.config)), sorted(
+        self.assertEqual(sorted(dataclasses.asdict(spec.config)), sorted(
             ["cpus", "time", "mem", "array", "after", "array_parallelism", "submit_options", "version", "cache",
              "backend", "retries", "elements_per_job", "inline"]))
 
@@ -6807,6 +6807,79 @@ class PackLocalTest(TempDirTest):
                 return int(path.read_text())
             time.sleep(0.05)
         self.fail(f"{path.name} never appeared")
+
+
+# =============================================================================
+# Import cost and lazy dataclasses (issue 6)
+# =============================================================================
+
+#: Modules only some commands need; ``import reflow`` must not load them.
+_HEAVY_MODULES = ("dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging", "tomllib",
+                  "difflib", "uuid", "tempfile", "shutil", "html", "traceback")
+
+
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter without site (whose .pth files may import modules); return stdout."""
+    here = os.path.dirname(os.path.abspath(reflow.__file__))
+    program = f"import sys\nsys.path.insert(0, {here!r})\n" + textwrap.dedent(code)
+    done = subprocess.run([sys.executable, "-S", "-c", program], capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise AssertionError(done.stderr)
+    return done.stdout.strip()
+
+
+class LazyImportTest(unittest.TestCase):
+    """``import reflow`` loads no heavy module; its dataclasses behave as dataclasses before and after first use."""
+
+    def test_import_leaves_heavy_modules_unloaded(self) -> None:
+        probe = "import sys\n{imports}\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+        baseline = _fresh_python(probe.format(imports="import sqlite3, json, argparse, subprocess",
+                                              heavy=_HEAVY_MODULES))
+        loaded = _fresh_python(probe.format(imports="import reflow", heavy=_HEAVY_MODULES))
+        self.assertEqual(loaded, baseline)
+
+    def test_dataclass_functions_see_dataclasses_before_first_use(self) -> None:
+        out = _fresh_python("""
+            import dataclasses, json, reflow
+            print(json.dumps([dataclasses.is_dataclass(reflow.JobResources),
+                              [f.name for f in dataclasses.fields(reflow.JobInfo)],
+                              [f.name for f in dataclasses.fields(reflow.DEFAULT_CODEC)]]))
+        """)
+        self.assertEqual(json.loads(out), [True, ["state", "reason", "exit_code"], ["marker_key", "schema_version"]])
+
+    def test_default_codec_is_frozen_before_first_use(self) -> None:
+        out = _fresh_python("""
+            import dataclasses, reflow
+            try:
+                reflow.DEFAULT_CODEC.marker_key = "x"
+            except dataclasses.FrozenInstanceError:
+                print(reflow.DEFAULT_CODEC == reflow.ManifestCodec(), repr(reflow.DEFAULT_CODEC))
+        """)
+        self.assertEqual(out, "True ManifestCodec(marker_key='__reflow_manifest__', schema_version=1)")
+
+    def test_first_use_from_many_threads_and_subclasses(self) -> None:
+        out = _fresh_python("""
+            import threading, reflow
+
+            class Mine(reflow.JobInfo):
+                pass
+
+            made = []
+            threads = [threading.Thread(target=lambda i=i: made.append(reflow.JobResources(cpus=i + 1).cpus))
+                       for i in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            print(sorted(made), Mine("RUNNING", "why"), hash(Mine("X")) == hash(Mine("X")))
+        """)
+        self.assertEqual(out, "[1, 2, 3, 4, 5, 6, 7, 8] Mine(state='RUNNING', reason='why', exit_code=None) True")
+
+    def test_fields_with_factories_are_fresh_per_instance(self) -> None:
+        first, second = reflow.JobConfig(), reflow.JobConfig()
+        first.after.append("a")
+        self.assertEqual((second.after, first.submit_options is second.submit_options), ([], False))
+        self.assertEqual(dataclasses.replace(first, cpus=3).after, ["a"])
 
 
 def main() -> int:
