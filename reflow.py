@@ -382,19 +382,29 @@ def _utcnow() -> str:
 
 
 def _load_sha256(data: bytes) -> Any:
-    """Import hashlib on first use (loading OpenSSL is a tenth of ``import reflow``), then hash ``data``.
+    """Bind ``_sha256`` to a sha256 constructor on first use, then hash ``data``.
 
-    It rebinds ``_sha256`` to ``hashlib.sha256``, so later hashes (millions
-    of them in a big run) cost no extra Python call.
+    CPython's own sha256 module (``_sha2`` since 3.12, ``_sha256`` before)
+    loads in a tenth of the time of hashlib, which loads OpenSSL (2-3 ms, as
+    much as a whole cached 1,000-element ``run_local`` otherwise takes);
+    the digests are the same.  Builds without it fall back to hashlib.
+    Later hashes (millions in a big run) call the constructor directly.
     """
     global _sha256
-    import hashlib
+    for module in ("_sha2", "_sha256"):
+        try:
+            _sha256 = importlib.import_module(module).sha256
+            break
+        except (ImportError, AttributeError):
+            continue
+    else:
+        import hashlib
 
-    _sha256 = hashlib.sha256
+        _sha256 = hashlib.sha256
     return _sha256(data)
 
 
-#: ``hashlib.sha256`` once anything has been hashed.
+#: A sha256 constructor once anything has been hashed.
 _sha256: Callable[[bytes], Any] = _load_sha256
 
 
@@ -409,6 +419,16 @@ _CANONICAL_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ens
 def _canonical_json(value: Any) -> str:
     """Dump already-encoded JSON data with sorted keys and no spaces (one shared encoder: hot path)."""
     return _CANONICAL_ENCODER.encode(value)
+
+
+def _stored_json(canonical: str) -> Optional[str]:
+    """Return canonical JSON text as the store writes it (``ensure_ascii``), or None when that differs.
+
+    Both forms are the same text unless it holds a character the store
+    escapes (non-ASCII or DEL), so an instance's input and output need
+    not be encoded a second time.
+    """
+    return canonical if canonical.isascii() and "\x7f" not in canonical else None
 
 
 def _private_dir(path: Union[str, Path]) -> Path:
@@ -430,12 +450,13 @@ def _private_dir(path: Union[str, Path]) -> Path:
     return path
 
 
-def _atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` through a fresh temp file, fsync and rename.
+def _atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0o600, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` through a fresh temp file, fsync (unless not ``sync``) and rename.
 
     The temp file is created with ``O_EXCL`` and the rename replaces the
     directory entry, so a symlink planted at ``path`` is replaced, never
-    followed.
+    followed.  Without ``sync`` a crash of the machine may leave the file
+    empty, never partly written by another writer.
     """
     path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
@@ -445,12 +466,18 @@ def _atomic_write(path: Union[str, Path], data: Union[str, bytes], mode: int = 0
         with os.fdopen(fd, "wb") as handle:
             handle.write(raw)
             handle.flush()
-            os.fsync(handle.fileno())
+            if sync:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _open_append(path: Union[str, Path], buffering: int = -1) -> Any:
+    """Open a file (0600 if new) for appending, in binary."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab", buffering=buffering)
 
 
 _TIME_RE = _lazy_regex(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -2819,6 +2846,9 @@ _FROM_BATCH = "temp.reflow_batch b JOIN task_instances t ON t.id = b.id ORDER BY
 _RUN_EVENT = ("INSERT INTO events (run_id, at, event, state, job_id, reason) "
               "SELECT run_id, updated_at, ?, status, dispatch_job_id, '' FROM runs WHERE run_id = ?")
 
+#: Index order of a task's instances, read off the unique index without a sort (NULL, the singleton, and
+#: EXPANSION_FAILED never share a task, so this is the order of array_index).
+_BY_INDEX = "ORDER BY IFNULL(array_index, -1)"
 _INSTANCE_COLUMNS = ("id", "run_id", "task_name", "array_index", "state", "job_id", "input", "output",
                      "error_text", "identity", "input_hash", "output_hash", "created_at", "updated_at",
                      "attempt", "reason", "exit_code", "started_at", "finished_at", "cached")
@@ -2836,6 +2866,8 @@ _SQL_CHUNK = 900
 
 _TASK_STATE_NAMES = frozenset(TaskState.__members__)
 _TERMINAL_NAMES = frozenset(state.value for state in TaskState.terminal())
+#: Task states as plain strings, for per-instance loops (an enum's ``.value`` is a descriptor call).
+_SUCCESS, _FAILED, _PENDING = TaskState.SUCCESS.value, TaskState.FAILED.value, TaskState.PENDING.value
 _RETRY_FIELDS = ("state = 'RETRYING', attempt = attempt + 1, error_text = NULL, output = NULL, output_hash = '', "
                  "job_id = NULL, reason = '', exit_code = NULL, started_at = NULL, finished_at = NULL, cached = 0")
 
@@ -2950,6 +2982,11 @@ def _json_dumps(value: Any) -> str:
 def _json_loads(text: Optional[str]) -> Any:
     """Decode a JSON column value (NULL is None)."""
     return None if text is None else DEFAULT_CODEC.loads(text)
+
+
+def _json_loads_many(texts: Sequence[Optional[str]]) -> List[Any]:
+    """Decode many JSON column values with one parse of them as a JSON list (NULL is None)."""
+    return DEFAULT_CODEC.loads("[" + ",".join("null" if text is None else text for text in texts) + "]")
 
 
 def _instance_dict(row: Sequence[Any]) -> Dict[str, Any]:
@@ -3526,9 +3563,9 @@ class SqliteStore(Store):
 
     def get_array_outputs(self, run_id: str, task: str) -> List[Any]:
         """Return an array task's decoded outputs in index order."""
-        rows = self._read("SELECT output FROM task_instances WHERE run_id = ? AND task_name = ? "
-                          "ORDER BY array_index", (run_id, task))
-        return [_json_loads(text) for text, in rows]
+        rows = self._read(f"SELECT output FROM task_instances WHERE run_id = ? AND task_name = ? {_BY_INDEX}",
+                          (run_id, task))
+        return _json_loads_many([text for text, in rows])
 
     def get_output_hash(self, run_id: str, task: str, index: Optional[int] = None) -> Optional[str]:
         """Return one instance's output hash, or None."""
@@ -3538,8 +3575,8 @@ class SqliteStore(Store):
 
     def get_all_output_hashes(self, run_id: str, task: str) -> List[str]:
         """Return a task's output hashes in index order."""
-        rows = self._read("SELECT output_hash FROM task_instances WHERE run_id = ? AND task_name = ? "
-                          "ORDER BY array_index", (run_id, task))
+        rows = self._read(f"SELECT output_hash FROM task_instances WHERE run_id = ? AND task_name = ? {_BY_INDEX}",
+                          (run_id, task))
         return [value for value, in rows]
 
     def dependency_is_satisfied(self, run_id: str, task: str) -> bool:
@@ -3585,7 +3622,7 @@ class SqliteStore(Store):
                 "INSERT INTO task_instances (run_id, task_name, array_index, state, input, identity, input_hash, "
                 "output, output_hash, cached, reason, finished_at, created_at, updated_at) "
                 "SELECT ?, task_name, array_index, 'SUCCESS', input, identity, input_hash, output, output_hash, 1, "
-                "'', ?, ?, ? FROM task_instances WHERE run_id = ? AND task_name = ? ORDER BY array_index",
+                f"'', ?, ?, ? FROM task_instances WHERE run_id = ? AND task_name = ? {_BY_INDEX}",
                 (run_id, now, now, now, source, task))
             self._db.execute(_EVENT_SELECT.format(at="t.created_at", source="task_instances t WHERE t.id > ? "
                                                   "ORDER BY t.id", event="'cached'"), (first,))
@@ -3661,15 +3698,23 @@ class SqliteStore(Store):
 
     @staticmethod
     def _instance_values(run_id: str, task: str, row: Mapping[str, Any], now: str) -> Tuple:
-        """Return the INSERT parameters of one bulk instance row."""
+        """Return the INSERT parameters of one bulk instance row.
+
+        ``input_text`` and ``output_text``, when a row has them, are the
+        JSON the store would write for its input and output (see
+        :func:`_stored_json`): they are not encoded again.
+        """
         get = row.get
         state = row["state"]
         if state not in _TASK_STATE_NAMES:
             state = _state_value(state)
-        output = get("output")
-        encoded = _json_dumps(output) if output is not None or state == "SUCCESS" else None
+        encoded = get("output_text")
+        if encoded is None:
+            output = get("output")
+            encoded = _json_dumps(output) if output is not None or state == "SUCCESS" else None
         finished = get("finished_at") or (now if state in _TERMINAL_NAMES else None)
-        return (run_id, task, get("array_index"), state, _json_dumps(get("input", {})), get("identity") or "",
+        return (run_id, task, get("array_index"), state, get("input_text") or _json_dumps(get("input", {})),
+                get("identity") or "",
                 get("input_hash") or "", encoded, get("output_hash") or "", 1 if get("cached") else 0,
                 get("error_text") or None, get("exit_code"), get("reason") or "", get("job_id") or None,
                 get("started_at"), finished, now, now)
@@ -3877,7 +3922,11 @@ class _InputHasher:
 
     def hash(self, inputs: Any) -> str:
         """Return the input hash of one instance."""
-        return _hash16('{"inputs":' + DEFAULT_CODEC.canonical_dumps(inputs) + self._tail)
+        return self.hash_text(DEFAULT_CODEC.canonical_dumps(inputs))
+
+    def hash_text(self, canonical: str) -> str:
+        """Return the input hash of one instance from the ``canonical_dumps`` text of its inputs."""
+        return _hash16('{"inputs":' + canonical + self._tail)
 
 
 def verify_cached_output(output: Any, return_type: Any, verify: Optional[Callable[[Any], bool]] = None) -> bool:
@@ -5965,8 +6014,7 @@ class LocalExecutor(Executor):
         """
         module_file = os.path.abspath(sys.modules[__name__].__file__ or sys.argv[0])
         argv = [sys.executable, "-I", module_file, "_local-job", str(spool), job_id]
-        log_fd = os.open(spool / f"{job_id}.runner.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(log_fd, "ab") as runner_log:
+        with _open_append(spool / f"{job_id}.runner.log") as runner_log:
             subprocess.run(["/bin/sh", "-c", 'exec "$@" &', "sh", *argv], stdin=subprocess.DEVNULL,
                            stdout=runner_log, stderr=runner_log, close_fds=True, check=True)
 
@@ -6008,11 +6056,33 @@ class LocalExecutor(Executor):
     def _write_state(self, job_id: str, state: Dict[str, Any]) -> None:
         _atomic_write(self._state_path(job_id), json.dumps(state))
 
-    def _read_state(self, job_id: str) -> Optional[Dict[str, Any]]:
+    def _elements_path(self, job_id: str) -> Path:
+        return self._spool() / f"{job_id.split('_')[0]}.elements"
+
+    def _read_state(self, job_id: str, elements: bool = False) -> Optional[Dict[str, Any]]:
+        """Return a job's state record; with ``elements``, its ``elements`` map holds every element's exit too."""
         try:
-            return json.loads(self._state_path(job_id).read_text())
+            state = json.loads(self._state_path(job_id).read_text())
         except (OSError, ValueError):
             return None
+        if elements:
+            state.setdefault("elements", {}).update(self._read_elements(job_id))
+        return state
+
+    def _read_elements(self, job_id: str) -> Dict[str, Tuple[Optional[int], str]]:
+        """Read a job's element log: ``{index: (exit code, reason)}`` (a torn last line is skipped)."""
+        try:
+            lines = self._elements_path(job_id).read_bytes().splitlines()
+        except OSError:
+            return {}
+        found = {}
+        for line in lines:
+            try:
+                key, code, reason = json.loads(line)
+            except (ValueError, TypeError):
+                continue
+            found[str(key)] = (code, str(reason))
+        return found
 
     def job_state(self, job_id: str) -> Optional[str]:
         """Return one job's state from the spool."""
@@ -6028,7 +6098,7 @@ class LocalExecutor(Executor):
                 continue
             master, _, element = job_id.partition("_")
             if master not in cache:
-                cache[master] = self._read_state(master)
+                cache[master] = self._read_state(master, elements=True)
             state = cache[master]
             if state is not None:
                 infos[job_id] = _local_job_info(state, element)
@@ -6145,8 +6215,70 @@ class _CpuSlots:
             os.close(fd)
 
 
+class _ExitWatch:
+    """Sleep until a watched process ends: one pidfd each (Linux >= 5.3), else short fixed sleeps.
+
+    Processes need not be children.  Without ``os.pidfd_open`` (or when the
+    kernel refuses it) every wait is a sleep of at most ``fallback`` seconds
+    and callers poll, as before pidfds existed.
+    """
+
+    def __init__(self, fallback: float) -> None:
+        import select  # lazy: only local jobs wait on processes
+
+        self.fallback = fallback
+        self.poller = select.poll() if hasattr(os, "pidfd_open") and hasattr(select, "poll") else None
+        self.pidfds: Dict[int, int] = {}
+
+    def watch(self, pid: int) -> bool:
+        """Start watching ``pid``; False when it cannot be watched (gone, or no pidfds here)."""
+        if self.poller is None:
+            return False
+        if pid in self.pidfds:
+            return True
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        except OSError:  # ENOSYS (kernel < 5.3) or a sandbox refusing the call: poll from now on
+            self.close()
+            self.poller = None
+            return False
+        import select
+
+        self.pidfds[pid] = fd
+        self.poller.register(fd, select.POLLIN)  # readable once the process has ended
+        return True
+
+    def forget(self, pid: int) -> None:
+        """Stop watching ``pid``."""
+        fd = self.pidfds.pop(pid, None)
+        if fd is not None:
+            if self.poller is not None:
+                self.poller.unregister(fd)
+            os.close(fd)
+
+    def wait(self, timeout: float) -> None:
+        """Return when a watched process ends or ``timeout`` passed (``fallback`` at most when nothing is watched)."""
+        timeout = max(0.0, timeout)
+        if self.poller is None or not self.pidfds:
+            time.sleep(min(timeout, self.fallback))
+        else:
+            self.poller.poll(min(timeout, 60.0) * 1000)  # bounded: poll() takes an int of milliseconds
+
+    def close(self) -> None:
+        """Close every pidfd."""
+        for pid in list(self.pidfds):
+            self.forget(pid)
+
+
 class _LocalJobRunner:
-    """Body of ``reflow.py _local-job SPOOL ID``: run one local job to its end."""
+    """Body of ``reflow.py _local-job SPOOL ID``: run one local job to its end.
+
+    The state file holds the job's own state; each element's exit is
+    appended to the job's element log as it happens (one short line, not a
+    rewrite of a file that grows with the array).
+    """
 
     POLL = 0.05
 
@@ -6156,6 +6288,7 @@ class _LocalJobRunner:
         self.executor = LocalExecutor(spool=spool)
         self.state: Dict[str, Any] = {"state": "PENDING", "pid": os.getpid(), "elements": {}}
         self.running: Dict[Optional[int], Tuple[subprocess.Popen, List[int], float]] = {}
+        self.watch = _ExitWatch(self.POLL)
 
     def run(self) -> int:
         """Wait for dependencies, run every element, record the outcome."""
@@ -6165,11 +6298,11 @@ class _LocalJobRunner:
         time.sleep(self.job.get("delay") or 0)
         self.state.update(state="RUNNING", started=time.time())
         self._save()
-        indices: List[Optional[int]] = [None]
+        indices: Sequence[Optional[int]] = [None]
         throttle = None
         if self.job["array"]:
             first, last, throttle = self.job["array"]
-            indices = list(range(first, last + 1))
+            indices = range(first, last + 1)
         self._run_elements(indices, throttle or len(indices))
         codes = [code for code, _ in self.state["elements"].values()]
         failed = any(code != 0 for code in codes)
@@ -6181,59 +6314,102 @@ class _LocalJobRunner:
         self._save()
         return 0
 
-    def _save(self) -> None:
+    def _check_cancelled(self) -> None:
         current = self.executor._read_state(self.job_id)
         if current and current.get("state") == "CANCELLED":
             raise SystemExit(0)  # cancelled meanwhile: the canceller's record stands
-        self.executor._write_state(self.job_id, self.state)
+
+    def _save(self) -> None:
+        self._check_cancelled()
+        self.executor._write_state(self.job_id, {k: v for k, v in self.state.items() if k != "elements"})
 
     def _wait_for_dependencies(self) -> bool:
-        """Poll the dependencies' state files; False when an afterok one failed."""
+        """Wait for the dependencies to end (woken by their runners' exits, else polling); False if afterok failed."""
         after = self.job.get("after") or {}
         pending = list(after.get("ids", []))
-        while pending:
-            states = self.executor.job_states(pending)  # an unknown (vanished) id counts as ended, not ok
-            pending = [job_id for job_id in pending if states.get(job_id) not in FINAL_JOB_STATES
-                       and states.get(job_id) is not None]
-            bad = [job_id for job_id, state in states.items() if state != "COMPLETED" and job_id not in pending]
-            if after.get("kind") == "afterok" and bad:
-                self.state.update(state="FAILED", reason="DEPENDENCY_NEVER_SATISFIED", ended=time.time())
-                self._save()
-                return False
-            if pending:
-                time.sleep(self.POLL * 2)
-        return True
+        try:
+            while pending:
+                states = {job_id: self.executor._read_state(job_id) for job_id in pending}
+                ended = {job_id: state["state"] if state else None for job_id, state in states.items()
+                         if not state or state["state"] in FINAL_JOB_STATES}  # an unknown (vanished) id has ended
+                if after.get("kind") == "afterok" and any(state != "COMPLETED" for state in ended.values()):
+                    self.state.update(state="FAILED", reason="DEPENDENCY_NEVER_SATISFIED", ended=time.time())
+                    self._save()
+                    return False
+                pending = [job_id for job_id in pending if job_id not in ended]
+                if pending:
+                    self.watch.wait(self._dependency_timeout({job_id: states[job_id] for job_id in pending}))
+            return True
+        finally:
+            self.watch.close()
+
+    def _dependency_timeout(self, states: Mapping[str, Any]) -> float:
+        """Watch the pending jobs' runners; wait long only if every one of them is watched.
+
+        A runner writes its final state before it exits, so its end is the
+        moment to look again; the long timeout only guards against a missed
+        wake-up.  Runners that ended are forgotten (their pidfds would stay
+        readable and turn the wait into a busy loop).
+        """
+        self.watch.close()
+        watched = [_is_runner(state.get("pid"), job_id) and self.watch.watch(state["pid"])
+                   for job_id, state in states.items()]
+        return 10.0 if all(watched) else self.POLL * 2
 
     def kill_elements(self) -> None:
         """Kill every running element's process group (the job was cancelled)."""
         for proc, _, _ in list(self.running.values()):
             _kill_group(proc.pid, grace=1.0)
 
-    def _run_elements(self, indices: List[Optional[int]], parallel: int) -> None:
-        """Run elements with at most ``parallel`` at once, each holding its cpu slots."""
+    def _run_elements(self, indices: Sequence[Optional[int]], parallel: int) -> None:
+        """Run elements with at most ``parallel`` at once, each holding its cpu slots.
+
+        The next element starts as soon as one ends: the wait wakes on an
+        element's exit (pidfd), on the nearest walltime, or after ``POLL``
+        while cpu slots are taken by other jobs or pidfds are missing.
+        """
         slots = _CpuSlots(_local_cpu_count())
         running = self.running
-        queue = list(indices)
-        while queue or running:
-            while queue and len(running) < parallel:
-                fds = slots.try_acquire(self.job["cpus"])
-                if fds is None:
-                    break
-                index = queue.pop(0)
-                running[index] = (self._start(index), fds, time.monotonic())
-            time.sleep(self.POLL)
-            for index, (proc, fds, started) in list(running.items()):
-                timed_out = time.monotonic() - started > self.job["time_limit"]
-                if proc.poll() is None and not timed_out:
-                    continue
-                if timed_out and proc.poll() is None:
-                    _kill_group(proc.pid, grace=2.0)
-                code = proc.wait()
-                slots.release(fds)
-                reason = "TIMEOUT" if timed_out else ("" if code == 0 else _exit_reason(code))
-                self.state["elements"]["" if index is None else str(index)] = (code, reason)
-                del running[index]
-                self._save()
+        position = 0
+        with _open_append(self.executor._elements_path(self.job_id), buffering=0) as log:
+            while position < len(indices) or running:
+                starved = False
+                while position < len(indices) and len(running) < parallel:
+                    fds = slots.try_acquire(self.job["cpus"])
+                    if fds is None:
+                        starved = True
+                        break
+                    proc = self._start(indices[position])
+                    running[indices[position]] = (proc, fds, time.monotonic())
+                    starved |= not self.watch.watch(proc.pid)
+                    position += 1
+                self.watch.wait(self.POLL if starved else self._until_next_deadline())
+                for done in [i for i, (proc, _, started) in running.items()
+                             if proc.poll() is not None or self._timed_out(started)]:
+                    self._finish(done, slots, log)
+
+    def _timed_out(self, started: float) -> bool:
+        return time.monotonic() - started > self.job["time_limit"]
+
+    def _until_next_deadline(self) -> float:
+        """Seconds until the first running element passes its walltime (a little after, so it has)."""
+        first = min(started for _, _, started in self.running.values())
+        return first + self.job["time_limit"] - time.monotonic() + 0.01
+
+    def _finish(self, index: Optional[int], slots: _CpuSlots, log: Any) -> None:
+        """Reap an ended (or overdue: killed here) element, free its slots and log its exit."""
+        proc, fds, started = self.running.pop(index)
+        timed_out = proc.poll() is None and self._timed_out(started)
+        if timed_out:
+            _kill_group(proc.pid, grace=2.0)
+        code = proc.wait()
+        self.watch.forget(proc.pid)
+        slots.release(fds)
+        reason = "TIMEOUT" if timed_out else ("" if code == 0 else _exit_reason(code))
+        key = "" if index is None else str(index)
+        self.state["elements"][key] = (code, reason)
+        self._check_cancelled()
+        log.write(json.dumps([key, code, reason]).encode() + b"\n")  # one write: appends never interleave
 
     def _start(self, index: Optional[int]) -> subprocess.Popen:
         """Start one element with its environment and log files."""
@@ -6256,8 +6432,7 @@ class _LocalJobRunner:
         if not template:
             return subprocess.DEVNULL
         path = template.replace("{job_id}", self.job_id).replace("{array_index}", "" if index is None else str(index))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "ab")
+        return _open_append(path)
 
 
 def _exit_reason(code: int) -> str:
@@ -7050,14 +7225,15 @@ class _Planner:
         return row
 
     def _rows(self, spec: TaskSpec, payloads: List[Tuple[int, Dict[str, Any]]]) -> List[Dict[str, Any]]:
-        """Build PENDING rows with input hash and identity for ``(position, payload)`` pairs."""
+        """Build PENDING rows with input hash, identity and stored input text for ``(position, payload)`` pairs."""
         hasher = _InputHasher(spec.name, spec.config.version, _received_params(spec, self.params))
         after = sorted(h for dep in spec.config.after for h in self.outputs.hashes(dep) if h)
         rows = []
         for position, payload in payloads:
-            input_hash = hasher.hash(payload)
-            rows.append({"array_index": position if spec.is_array else None, "state": TaskState.PENDING.value,
-                         "input": payload, "input_hash": input_hash,
+            text = DEFAULT_CODEC.canonical_dumps(payload)
+            input_hash = hasher.hash_text(text)
+            rows.append({"array_index": position if spec.is_array else None, "state": _PENDING,
+                         "input": payload, "input_text": _stored_json(text), "input_hash": input_hash,
                          "identity": compute_identity(input_hash, after)})
         return rows
 
@@ -7423,7 +7599,7 @@ def _execute_instance(spec: TaskSpec, params: Mapping[str, Any], inst: Mapping[s
     stem = _result_name(spec.name, inst["array_index"], inst["attempt"])
     base = {"instance_id": inst["id"], "attempt": inst["attempt"], "task_name": spec.name,
             "array_index": inst["array_index"], "job_id": _current_job_id(), "started_at": _utcnow()}
-    _atomic_write(results / f"{stem}.started", json.dumps(base))
+    _atomic_write(results / f"{stem}.started", json.dumps(base), sync=False)  # a hint: an empty one is skipped
     if resolved is None:
         outcome = _call_task(spec, build_kwargs(spec, params, inst["input"]))
     elif "error" in resolved:
@@ -7467,32 +7643,44 @@ def _resolved_outcome(spec: TaskSpec, params: Mapping[str, Any], resolved: Dict[
     return dict(extra, **_call_task(spec, build_kwargs(spec, params, resolved["input"])))
 
 
-def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True) -> Dict[str, Any]:
+def _call_task(spec: TaskSpec, kwargs: Dict[str, Any], guard: bool = True, text: bool = False) -> Dict[str, Any]:
     """Call a task function; return the result fields (state, output, hash, error).
 
     ``guard`` installs :func:`graceful_shutdown` around the call; callers
     that run many calls in a row install it once around all of them.
+    ``text`` adds ``output_text`` to a success, the output as the store
+    writes it (:func:`_stored_json`), for callers that insert it themselves.
     """
     try:
-        with graceful_shutdown() if guard else contextlib.nullcontext():
+        if guard:
+            with graceful_shutdown():
+                output = spec.func(**kwargs)
+        else:
             output = spec.func(**kwargs)
     except BaseException as exc:  # the result file must be written whatever happened
-        if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, TaskInterrupted):
-            text = f"{type(exc).__name__}: {exc}"
-        else:
-            import traceback  # lazy: only failures need it
-
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        reason = INTERRUPTED if isinstance(exc, TaskInterrupted) else ""
-        return {"state": TaskState.FAILED.value, "output": None, "output_hash": "", "error_text": text,
-                "reason": reason}
+        return _failure_outcome(exc)
     try:
         encoded = DEFAULT_CODEC.dump_value(output)
     except (TypeError, ValueError) as exc:
-        return {"state": TaskState.FAILED.value, "output": None, "output_hash": "",
+        return {"state": _FAILED, "output": None, "output_hash": "",
                 "error_text": f"task {spec.name!r} returned a value JSON cannot hold: {exc}"}
-    return {"state": TaskState.SUCCESS.value, "output": encoded, "output_hash": _hash16(_canonical_json(encoded)),
-            "error_text": ""}
+    canonical = _canonical_json(encoded)
+    outcome = {"state": _SUCCESS, "output": encoded, "output_hash": _hash16(canonical), "error_text": ""}
+    if text:
+        outcome["output_text"] = _stored_json(canonical)
+    return outcome
+
+
+def _failure_outcome(exc: BaseException) -> Dict[str, Any]:
+    """Return the result fields of a task call that raised ``exc`` (a traceback, or the signal's reason)."""
+    if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, TaskInterrupted):
+        text = f"{type(exc).__name__}: {exc}"
+    else:
+        import traceback  # lazy: only failures need it
+
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    reason = INTERRUPTED if isinstance(exc, TaskInterrupted) else ""
+    return {"state": _FAILED, "output": None, "output_hash": "", "error_text": text, "reason": reason}
 
 
 # =============================================================================
@@ -8570,6 +8758,14 @@ class Workflow(Flow):
                     force_tasks: Optional[Sequence[str]], params: Mapping[str, Any],
                     needs_entrypoint: bool = False) -> Tuple[str, Path, Store, Executor]:
         """Validate everything, then create the run directory and the run record."""
+        values, run_dir_path, store, executor_obj = self._prepare_run(run_dir, store, executor, force, force_tasks,
+                                                                      params, needs_entrypoint)
+        return self._insert_run(store, values), run_dir_path, store, executor_obj
+
+    def _prepare_run(self, run_dir: Optional[Union[str, Path]], store: Optional[Store], executor: Any, force: bool,
+                     force_tasks: Optional[Sequence[str]], params: Mapping[str, Any],
+                     needs_entrypoint: bool = False) -> Tuple[Dict[str, Any], Path, Store, Executor]:
+        """Validate everything, then open the store and create the run directory; return the run's parameters."""
         self.validate()
         values = self._check_params(params)
         for name in force_tasks or []:
@@ -8586,8 +8782,7 @@ class Workflow(Flow):
         values.update({P_RUN_DIR: str(run_dir_path), P_FORCE: bool(force), P_FORCE_TASKS: list(force_tasks or []),
                        P_EXECUTOR: executor_obj.describe(), P_ENTRYPOINT: str(entrypoint),
                        P_PYTHON: self.config.executor_python or sys.executable, P_STORE: str(store.path)})
-        run_id = self._insert_run(store, values)
-        return run_id, run_dir_path, store, executor_obj
+        return values, run_dir_path, store, executor_obj
 
     def _insert_run(self, store: Store, values: Dict[str, Any]) -> str:
         """Insert the run and its task specs in one transaction; return the run id."""
@@ -8661,9 +8856,9 @@ class Workflow(Flow):
             raise ValueError(f"on_error must be 'stop' or 'continue', got {on_error!r}")
         if not isinstance(max_workers, int) or max_workers < 1:
             raise ValueError(f"max_workers must be a positive integer, got {max_workers!r}")
-        run_id, run_dir_path, store, _ = self._create_run(run_dir, store, LocalExecutor(), force, force_tasks,
-                                                          params)
-        _LocalRun(self, store, run_id, verify, max_workers, on_error).run()
+        values, run_dir_path, store, _ = self._prepare_run(run_dir, store, LocalExecutor(), force, force_tasks,
+                                                           params)
+        run_id = _LocalRun(self, store, verify, max_workers, on_error).run(values)
         return Run(self, run_id, run_dir_path, store)
 
     def cli(self, argv: Optional[Sequence[str]] = None) -> int:
@@ -8760,16 +8955,38 @@ def make_run_id(workflow_name: str) -> str:
 
 
 class _LocalRun:
-    """Execute a run in this process (``run_local``), task by task."""
+    """Execute a run in this process (``run_local``), task by task.
 
-    def __init__(self, wf: Workflow, store: Store, run_id: str, verify: bool, max_workers: int, on_error: str):
-        self.wf, self.store, self.run_id = wf, store, run_id
+    Store writes with no task function running between them share one
+    transaction (the run's creation, cache copies, a task's instances with
+    the next task's expansion, the final state): every commit costs several
+    fsyncs.  It is committed before any task function runs, so user code
+    never holds the store's write lock, and what ran is durable before the
+    next function starts.
+    """
+
+    def __init__(self, wf: Workflow, store: Store, verify: bool, max_workers: int, on_error: str):
+        self.wf, self.store, self.verify = wf, store, verify
         self.max_workers, self.on_error = max_workers, on_error
-        self.params = store.get_run_parameters(run_id)
-        self.planner = _Planner(wf, store, run_id, self.params, verify)
+        self.run_id = ""
+        self.params: Dict[str, Any] = {}
+        self.planner: _Planner
+        self._held = contextlib.ExitStack()  # the open write transaction, when _holding
+        self._holding = False
 
-    def run(self) -> None:
-        """Run every task whose dependencies succeeded; set the run's final state."""
+    def run(self, values: Dict[str, Any]) -> str:
+        """Create the run from its parameters, run it, set its final state; return the run id."""
+        with self._held:
+            self._hold()
+            self.run_id = self.wf._insert_run(self.store, values)
+            self.params = self.store.get_run_parameters(self.run_id)
+            self.planner = _Planner(self.wf, self.store, self.run_id, self.params, self.verify)
+            failed = self._run_tasks()
+            self.store.update_run_status(self.run_id, RunState.FAILED.value if failed else RunState.SUCCESS.value)
+        return self.run_id
+
+    def _run_tasks(self) -> bool:
+        """Run every task whose dependencies succeeded; return whether any failed."""
         failed: set = set()
         for name in self.wf.topological_order():
             spec = self.wf.tasks[name]
@@ -8780,23 +8997,40 @@ class _LocalRun:
                 failed.add(name)
                 if self.on_error == "stop":
                     self.store.update_run_status(self.run_id, RunState.FAILED.value)
+                    self._commit()
                     raise RuntimeError(f"Task {name!r} failed.  Run {self.run_id} aborted.")
-        self.store.update_run_status(self.run_id, RunState.FAILED.value if failed else RunState.SUCCESS.value)
+        return bool(failed)
+
+    def _hold(self) -> None:
+        """Open the shared write transaction unless it is open."""
+        if not self._holding:
+            self._held.enter_context(self.store.transaction())
+            self._holding = True
+
+    def _commit(self) -> None:
+        """Commit the shared write transaction (a later write opens the next one)."""
+        self._holding = False
+        self._held.close()
 
     def _run_task(self, spec: TaskSpec) -> bool:
         """Expand, run the cache misses, store every instance; return False on any failure."""
         _, rows = self.planner.expand(spec, lambda rows: self._run_pending(spec, rows))
-        return all(row["state"] == TaskState.SUCCESS.value for row in rows)
+        return all(row["state"] == _SUCCESS for row in rows)
 
     def _run_pending(self, spec: TaskSpec, rows: List[Dict[str, Any]]) -> None:
-        """Run the PENDING rows (the cache misses) and fill in their outcomes."""
-        todo = [row for row in rows if row["state"] == TaskState.PENDING.value]
+        """Run the PENDING rows (the cache misses) outside any transaction and fill in their outcomes."""
+        todo = [row for row in rows if row["state"] == _PENDING]
+        if not todo:
+            return
+        self._commit()
         started = _utcnow()
         outcomes = self._execute(spec, [row["input"] for row in todo])
         finished = _utcnow()
+        load = DEFAULT_CODEC.load_value
         for row, outcome in zip(todo, outcomes):
             row.update(outcome, started_at=started, finished_at=finished)
-            row["output"] = DEFAULT_CODEC.load_value(row["output"]) if row["state"] == "SUCCESS" else None
+            row["output"] = load(row["output"]) if row["state"] == _SUCCESS else None
+        self._hold()
 
     def _execute(self, spec: TaskSpec, payloads: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         """Call the function for each payload, in a process pool when allowed."""
@@ -8807,13 +9041,13 @@ class _LocalRun:
             if pooled is not None:
                 return pooled
         with graceful_shutdown():
-            return [_call_task(spec, kwargs, guard=False) for kwargs in calls]
+            return [_call_task(spec, kwargs, guard=False, text=True) for kwargs in calls]
 
 
 def _pool_call(func: Callable, name: str, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """Run one task call in a pool process (module level, so it pickles)."""
     spec = TaskSpec(name, func, JobConfig(), inspect.Signature(), {}, None)
-    return _call_task(spec, kwargs)
+    return _call_task(spec, kwargs, text=True)
 
 
 def _run_in_pool(spec: TaskSpec, calls: List[Dict[str, Any]], workers: int) -> Optional[List[Dict[str, Any]]]:
@@ -9540,8 +9774,13 @@ def _add_run_parsers(sub: Any, wf: Optional[Workflow]) -> None:
 
 
 def _build_job_parser(command: str) -> _ArgumentParser:
-    """Build the parser of the hidden ``dispatch`` / ``worker`` commands."""
-    parser = _ArgumentParser(prog=f"reflow {command}")
+    """Build the parser of the hidden ``dispatch`` / ``worker`` commands.
+
+    Its help has a fixed width: asking the terminal's would import shutil
+    (and bz2, lzma) in every worker, a twentieth of an element's startup.
+    """
+    parser = _ArgumentParser(prog=f"reflow {command}",
+                             formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100))
     parser.add_argument("command")
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--run-dir")

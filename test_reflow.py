@@ -6882,6 +6882,234 @@ class LazyImportTest(unittest.TestCase):
         self.assertEqual(dataclasses.replace(first, cpus=3).after, ["a"])
 
 
+# =============================================================================
+# run_local: transactions and stored JSON (issue 6)
+# =============================================================================
+
+PROBE = """
+import os
+import sqlite3
+from reflow import Result, Workflow
+
+wf = Workflow("probe")
+
+def _probe() -> list:
+    db = sqlite3.connect(os.environ["REFLOW_STORE_PATH"], timeout=0, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # fails at once while another connection holds the write lock
+        db.execute("ROLLBACK")
+        seen = [f"run:{status}" for status, in db.execute("SELECT status FROM runs")]
+        return seen + [f"{task}:{state}" for task, state in db.execute("SELECT task_name, state FROM task_instances")]
+    finally:
+        db.close()
+
+@wf.job()
+def first() -> list:
+    return _probe()
+
+@wf.job(array=True)
+def each(x: str = Result(step="first")) -> list:
+    return _probe()
+"""
+
+TEXTS = r"""
+from reflow import Result, Workflow
+
+wf = Workflow("texts")
+
+@wf.job()
+def prepare() -> list:
+    return ["plain", "caf\u00e9", "tab\tnew\nline", "del\x7f", 'quote" back\\', "\U0001f600"]
+
+@wf.job(array=True)
+def echo(x: str = Result(step="prepare")) -> tuple:
+    return (x, len(x))
+"""
+
+
+class RunLocalTransactionTest(TempDirTest):
+    """run_local: user code runs outside any store transaction; store steps between share one."""
+
+    def test_task_functions_run_without_the_write_lock(self) -> None:
+        run = load_flow(self.tmp, PROBE).wf.run_local(self.tmp / "run")
+        self.assertEqual(run.state, "SUCCESS")
+        self.assertEqual(run.store.get_singleton_output(run.run_id, "first"), ["run:RUNNING"])
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "each"), [["run:RUNNING", "first:SUCCESS"]])
+
+    def test_cached_rerun_commits_once(self) -> None:
+        mod = load_flow(self.tmp, FANOUT)
+        store = reflow.SqliteStore(self.store_path)
+        mod.wf.run_local(self.tmp / "run", store=store, n=5)
+        statements: List[str] = []
+        store._db.set_trace_callback(statements.append)
+        again = mod.wf.run_local(self.tmp / "run", store=store, n=5)
+        store._db.set_trace_callback(None)
+        self.assertEqual([s for s in statements if s.strip().upper() == "COMMIT"], ["COMMIT"])
+        self.assertEqual(again.state, "SUCCESS")
+        self.assertEqual(store.get_singleton_output(again.run_id, "total"), 30)
+        self.assertTrue(all(i["cached"] for i in store.list_task_instances(again.run_id)))
+        events = [e["event"] for e in store.list_events(again.run_id)]
+        self.assertEqual((events[0], events[-1], len(events)), ("run_created", "run_success", 9))
+
+    def test_failure_inside_the_shared_transaction_leaves_no_run(self) -> None:
+        mod = load_flow(self.tmp, FANOUT)
+        store = reflow.SqliteStore(self.store_path)
+        mod.wf.run_local(self.tmp / "run", store=store, n=3)
+        runs = len(store.list_runs())
+        failing = mock.patch.object(reflow.SqliteStore, "update_run_status", side_effect=reflow.StoreError("disk gone"))
+        with failing, self.assertRaisesRegex(reflow.StoreError, "disk gone"):
+            mod.wf.run_local(self.tmp / "run", store=store, n=3)
+        self.assertEqual(len(store.list_runs()), runs)
+        again = mod.wf.run_local(self.tmp / "run", store=store, n=3)
+        self.assertEqual((again.state, len(store.list_runs())), ("SUCCESS", runs + 1))
+
+    def test_inputs_and_outputs_are_stored_as_the_store_encodes_them(self) -> None:
+        run = load_flow(self.tmp, TEXTS).wf.run_local(self.tmp / "run")
+        values = run.store.get_singleton_output(run.run_id, "prepare")
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "echo"), [(x, len(x)) for x in values])
+        db = sqlite3.connect(str(self.store_path))
+        try:
+            rows = db.execute("SELECT input, output, output_hash FROM task_instances WHERE run_id = ? "
+                              "AND task_name = 'echo' ORDER BY array_index", (run.run_id,)).fetchall()
+        finally:
+            db.close()
+        expected = [(reflow._json_dumps({"x": x}), reflow._json_dumps((x, len(x))),
+                     reflow.compute_output_hash((x, len(x)))) for x in values]
+        self.assertEqual(rows, expected)
+        self.assertIn("\\u007f", rows[3][0])  # the store escapes DEL, which the hashed form keeps
+
+
+# =============================================================================
+# Local executor: a runner woken by events (issue 6)
+# =============================================================================
+
+
+def _pidfds_work() -> bool:
+    """Tell whether this machine gives pidfds (Linux >= 5.3 with Python >= 3.9)."""
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _pidfd_mode(mode: str):
+    """Keep pidfds ("native"), make the kernel refuse them ("refused") or remove os.pidfd_open ("absent")."""
+    if mode == "refused":
+        with mock.patch.object(os, "pidfd_open", create=True, side_effect=OSError(errno.ENOSYS, "not here")):
+            yield
+    elif mode == "absent":
+        saved = os.__dict__.pop("pidfd_open", None)
+        try:
+            yield
+        finally:
+            if saved is not None:
+                os.pidfd_open = saved
+    else:
+        yield
+
+
+class LocalRunnerWaitTest(TempDirTest):
+    """The local job runner, run in this process: element exits, walltimes and dependencies wake it,
+    with pidfds and with the polling fallback (no os.pidfd_open, or a kernel that refuses it)."""
+
+    MODES = ("native", "refused", "absent")
+
+    def setUp(self) -> None:
+        super().setUp()
+        (self.tmp / "tmp").mkdir()
+        slots = mock.patch.object(tempfile, "tempdir", str(self.tmp / "tmp"))  # private cpu-slot locks
+        slots.start()
+        self.addCleanup(slots.stop)
+        self.executor = reflow.LocalExecutor(spool=self.tmp / "spool")
+
+    def queue(self, script: str, array: Optional[str] = None, time_limit: str = "00:02:00",
+              after: Tuple[str, ...] = (), start: bool = False) -> str:
+        """Submit ``sh -c script``; its runner starts only with ``start`` (else the test runs it)."""
+        options = self.executor.dependency_options(list(after), "afterok")
+        resources = JobResources(job_name="wake", time_limit=time_limit, array=array, submit_options=options,
+                                 output_path=str(self.tmp / "out-{job_id}_{array_index}"), workdir=str(self.tmp))
+        if start:
+            return self.executor.submit(resources, ["sh", "-c", script])
+        with mock.patch.object(reflow.LocalExecutor, "_start_runner"):
+            return self.executor.submit(resources, ["sh", "-c", script])
+
+    def run_here(self, job_id: str, mode: str) -> "reflow._LocalJobRunner":
+        with _pidfd_mode(mode):
+            runner = reflow._LocalJobRunner(self.executor._spool(), job_id)
+            runner.run()
+        expect_pidfds = mode == "native" and _pidfds_work()
+        self.assertEqual(runner.watch.poller is not None, expect_pidfds, mode)
+        self.assertEqual(runner.watch.pidfds, {})  # every pidfd closed
+        return runner
+
+    def test_array_elements_run_and_each_exit_is_logged(self) -> None:
+        for mode in self.MODES:
+            with self.subTest(mode=mode):
+                job = self.queue('touch "idx_$REFLOW_ARRAY_INDEX"; test "$REFLOW_ARRAY_INDEX" != 3 || exit 4',
+                                 array="0-5%2")
+                self.run_here(job, mode)
+                infos = self.executor.job_infos([job] + [f"{job}_{i}" for i in range(6)])
+                self.assertEqual(infos[job].state, "FAILED")
+                self.assertEqual(infos[f"{job}_3"], JobInfo("FAILED", "exit 4", 4))
+                self.assertEqual([infos[f"{job}_{i}"].state for i in (0, 1, 2, 4, 5)], ["COMPLETED"] * 5)
+                self.assertEqual(sorted(p.name for p in self.tmp.glob("idx_*")), [f"idx_{i}" for i in range(6)])
+                state = json.loads((self.tmp / "spool" / f"{job}.state").read_text())
+                self.assertNotIn("elements", state)  # element exits live in the element log only
+                lines = (self.tmp / "spool" / f"{job}.elements").read_text().splitlines()
+                self.assertEqual(sorted(json.loads(line)[0] for line in lines), [str(i) for i in range(6)])
+                for path in self.tmp.glob("idx_*"):
+                    path.unlink()
+
+    def test_walltime_kills_an_overdue_element_only(self) -> None:
+        for mode in self.MODES:
+            with self.subTest(mode=mode):
+                job = self.queue('test "$REFLOW_ARRAY_INDEX" = 0 || exec sleep 60', array="0-1",
+                                 time_limit="00:00:01")
+                self.run_here(job, mode)
+                infos = self.executor.job_infos([f"{job}_0", f"{job}_1"])
+                self.assertEqual(infos[f"{job}_0"].state, "COMPLETED")
+                self.assertEqual(infos[f"{job}_1"].state, "TIMEOUT", infos)
+
+    def test_singleton_exit_code_is_the_job_state(self) -> None:
+        for mode in self.MODES:
+            with self.subTest(mode=mode):
+                job = self.queue("exit 3")
+                self.run_here(job, mode)
+                self.assertEqual(self.executor.job_infos([job])[job], JobInfo("FAILED", "exit 3", 3))
+
+    def test_dependency_wait_ends_when_the_runner_ends(self) -> None:
+        for mode in self.MODES:
+            with self.subTest(mode=mode):
+                marker = self.tmp / f"first-{mode}"
+                first = self.queue(f"sleep 1; touch {shlex.quote(str(marker))}", start=True)
+                second = self.queue(f"test -e {shlex.quote(str(marker))}", after=(first,))
+                self.run_here(second, mode)
+                infos = self.executor.job_infos([first, second])
+                self.assertEqual((infos[first].state, infos[second].state), ("COMPLETED", "COMPLETED"), infos)
+
+    def test_afterok_on_a_failed_dependency_never_runs(self) -> None:
+        for mode in self.MODES:
+            with self.subTest(mode=mode):
+                marker = self.tmp / f"ran-{mode}"
+                bad = self.queue("sleep 1; exit 1", start=True)
+                child = self.queue(f"touch {shlex.quote(str(marker))}", after=(bad,))
+                self.run_here(child, mode)
+                self.assertEqual(self.executor.job_infos([child])[child],
+                                 JobInfo("FAILED", "DEPENDENCY_NEVER_SATISFIED", None))
+                self.assertFalse(marker.exists())
+
+    def test_torn_or_foreign_element_log_lines_are_skipped(self) -> None:
+        spool = self.executor._spool()
+        (spool / "77.state").write_text(json.dumps({"state": "RUNNING", "pid": 1}))
+        (spool / "77.elements").write_text('["0", 0, ""]\n5\n["1", 2, "exit 2"]\n["2", 0, "')
+        infos = self.executor.job_infos(["77_0", "77_1", "77_2"])
+        self.assertEqual(infos["77_0"].state, "COMPLETED")
+        self.assertEqual(infos["77_1"], JobInfo("FAILED", "exit 2", 2))
+        self.assertEqual(infos["77_2"].state, "RUNNING")  # its line was torn: not recorded yet
+
+
 def main() -> int:
     """Run every test (or those named on the command line) and print one closing line."""
     program = unittest.main(exit=False, verbosity=int(os.environ.get("VERBOSE", "1")))
