@@ -89,7 +89,6 @@ import math
 import os
 import re
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -103,6 +102,7 @@ if TYPE_CHECKING:
     import inspect
     import shlex
     import signal
+    import subprocess
     import typing
     from dataclasses import dataclass as _dataclass
     from dataclasses import field as _field
@@ -136,8 +136,8 @@ class _LoadOnUse:
 
 
 if not TYPE_CHECKING:  # what mypy sees imported above loads when first used
-    base64, dataclasses, inspect, shlex, signal, typing = map(
-        _LoadOnUse, ("base64", "dataclasses", "inspect", "shlex", "signal", "typing"))
+    base64, dataclasses, inspect, shlex, signal, subprocess, typing = map(
+        _LoadOnUse, ("base64", "dataclasses", "inspect", "shlex", "signal", "subprocess", "typing"))
     Path = _LoadOnUse("pathlib", "Path")
 
 

@@ -6815,7 +6815,7 @@ class PackLocalTest(TempDirTest):
 
 #: Modules only some commands need; ``import reflow`` must not load them.
 _HEAVY_MODULES = ("dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging", "tomllib",
-                  "difflib", "uuid", "tempfile", "shutil", "html", "traceback")
+                  "difflib", "uuid", "tempfile", "shutil", "html", "traceback", "subprocess")
 
 
 def _fresh_python(code: str) -> str:
@@ -6833,7 +6833,7 @@ class LazyImportTest(unittest.TestCase):
 
     def test_import_leaves_heavy_modules_unloaded(self) -> None:
         probe = "import sys\n{imports}\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
-        baseline = _fresh_python(probe.format(imports="import sqlite3, json, argparse, subprocess",
+        baseline = _fresh_python(probe.format(imports="import sqlite3, json, argparse",
                                               heavy=_HEAVY_MODULES))
         loaded = _fresh_python(probe.format(imports="import reflow", heavy=_HEAVY_MODULES))
         self.assertEqual(loaded, baseline)
