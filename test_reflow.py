@@ -6886,7 +6886,7 @@ class LazyImportTest(unittest.TestCase):
 # run_local: transactions and stored JSON (issue 6)
 # =============================================================================
 
-PROBE = """
+LOCK_PROBE_FLOW = """
 import os
 import sqlite3
 from reflow import Result, Workflow
@@ -6912,7 +6912,7 @@ def each(x: str = Result(step="first")) -> list:
     return _probe()
 """
 
-TEXTS = r"""
+TEXTS_FLOW = r"""
 from reflow import Result, Workflow
 
 wf = Workflow("texts")
@@ -6931,7 +6931,7 @@ class RunLocalTransactionTest(TempDirTest):
     """run_local: user code runs outside any store transaction; store steps between share one."""
 
     def test_task_functions_run_without_the_write_lock(self) -> None:
-        run = load_flow(self.tmp, PROBE).wf.run_local(self.tmp / "run")
+        run = load_flow(self.tmp, LOCK_PROBE_FLOW).wf.run_local(self.tmp / "run")
         self.assertEqual(run.state, "SUCCESS")
         self.assertEqual(run.store.get_singleton_output(run.run_id, "first"), ["run:RUNNING"])
         self.assertEqual(run.store.get_array_outputs(run.run_id, "each"), [["run:RUNNING", "first:SUCCESS"]])
@@ -6964,7 +6964,7 @@ class RunLocalTransactionTest(TempDirTest):
         self.assertEqual((again.state, len(store.list_runs())), ("SUCCESS", runs + 1))
 
     def test_inputs_and_outputs_are_stored_as_the_store_encodes_them(self) -> None:
-        run = load_flow(self.tmp, TEXTS).wf.run_local(self.tmp / "run")
+        run = load_flow(self.tmp, TEXTS_FLOW).wf.run_local(self.tmp / "run")
         values = run.store.get_singleton_output(run.run_id, "prepare")
         self.assertEqual(run.store.get_array_outputs(run.run_id, "echo"), [(x, len(x)) for x in values])
         db = sqlite3.connect(str(self.store_path))

@@ -145,14 +145,14 @@ class Bench:
         data = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
         return Sample(wall, cpu, rss_mb, proc.returncode, data, stdout, stderr)
 
-    def driver(self, impl, *args, home=None, timeout=900, profile_name=None):
-        """Run bench/driver.py ACTION ARGS for ``impl`` in a fresh (or the given) HOME.
+    def driver(self, impl, *args, home=None, timeout=900, profile_name=None, env=None):
+        """Run bench/driver.py ACTION ARGS for ``impl`` in a fresh (or the given) HOME, ``env`` added.
 
         The argument RUN_DIR becomes ``<HOME>/run``.
         """
         home = home or self.home()
         args = [home / "run" if a == "RUN_DIR" else a for a in args]
-        extra = {}
+        extra = dict(env or {})
         if profile_name:
             OUT.mkdir(exist_ok=True)
             extra["BENCH_PROFILE"] = str(OUT / f"profile-{profile_name}.txt")
@@ -328,6 +328,13 @@ class Bench:
         base = statistics.median(s.data["per_spawn"] for s in spawn)
         self.row(5, f"local submit, wall per element (N={small}->{big})", Measure(per), "python -c pass (wall)",
                  Measure(base), ("ours/spawn", lambda o, t: o / t), "<= 1.5", lambda o, t: o <= 1.5 * t, ms)
+        packed = {"BENCH_FLOW": "pack_flow", "BENCH_PACK": str(small)}
+        lo_packed = [self.driver("ours", "local_submit", small, "RUN_DIR", env=packed) for _ in range(reps)]
+        hi_packed = [self.driver("ours", "local_submit", big, "RUN_DIR", env=packed) for _ in range(reps)]
+        per_packed = (Measure.of(hi_packed).wall - Measure.of(lo_packed).wall) / (big - small)
+        self.row(5, f"local submit, elements_per_job={small}, wall per element", Measure(per_packed),
+                 "python -c pass (wall)", Measure(base), ("ours/spawn", lambda o, t: o / t), "<= 1.5",
+                 lambda o, t: o <= 1.5 * t, ms)
         self.notes.append(f"5: whole local runs of ours take {sec(Measure.of(lo).wall)} (N={small}) and "
                           f"{sec(Measure.of(hi).wall)} (N={big}); the bare spawns run one after another. "
                           "reflow-hpc is not measured: its submit(executor='local') runs only the first dispatch "

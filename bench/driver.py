@@ -14,6 +14,7 @@ Actions:
     stdimport               time ``import sqlite3, json, argparse, subprocess``
     run_local N RUN_DIR     time ``wf.run_local(RUN_DIR, n=N)``
     local_submit N RUN_DIR  time ``wf.submit(RUN_DIR, executor="local", n=N)`` until the run ends
+                            ($BENCH_FLOW=pack_flow: bench/pack_flow.py, packed as $BENCH_PACK says)
     spawn N                 time N sequential ``python -c pass`` processes
     fake N RUN_DIR          (reflow.py) submit with a recording executor, then time one dispatch cycle
     slurm_cli N RUN_DIR     time ``flow.py submit --run-dir RUN_DIR --n N`` (default executor: Slurm) until the run ends
@@ -64,10 +65,10 @@ def _timed(func, *args):
 
 
 def _load_flow():
-    """Import bench/flow.py (this script's directory is sys.path[0])."""
-    import flow
+    """Import bench/flow.py, or the module $BENCH_FLOW names (this script's directory is sys.path[0])."""
+    import importlib
 
-    return flow.wf
+    return importlib.import_module(os.environ.get("BENCH_FLOW") or "flow").wf
 
 
 def _expected_total(n):
