@@ -2046,7 +2046,14 @@ class TestStoreFiles(_StoreTest):
                 reflow.SqliteStore(locked / "m.db").init()
 
     def test_journal_modes(self):
-        self.assertEqual(self.store.journal_mode, "delete")
+        self.assertEqual(self.store.journal_mode, "truncate")
+        with reflow.SqliteStore(self.tmp / "d" / "m.db", journal_mode="delete") as store:
+            store.insert_run("r", "wf", "u", {})
+            self.assertEqual(store.journal_mode, "delete")
+            self.assertFalse((self.tmp / "d" / "m.db-journal").exists())  # deleted after each commit
+        with reflow.SqliteStore(self.tmp / "d" / "m.db") as store:  # no choice: a rollback file truncates
+            store.insert_run("r2", "wf", "u", {})
+            self.assertEqual((store.journal_mode, (self.tmp / "d" / "m.db-journal").stat().st_size), ("truncate", 0))
         with _store_env(REFLOW_SQLITE_JOURNAL="WAL"), reflow.SqliteStore(self.tmp / "w" / "m.db") as store:
             store.insert_run("r", "wf", "u", {})
             self.assertEqual(store.journal_mode, "wal")
@@ -4054,6 +4061,7 @@ class _BackendScenarios:
                     with contextlib.suppress(Exception):
                         if run.state == "RUNNING":
                             run.cancel()
+                    run.store.close()
             with contextlib.suppress(Exception):
                 self.kill_leftovers()
         finally:
