@@ -6013,13 +6013,16 @@ class LocalExecutor(Executor):
         return job_id
 
     def _start_runner(self, spool: Path, job_id: str) -> None:
-        """Launch ``reflow.py _local-job`` as a daemon (reparented to init, no zombie left here).
+        """Launch the runner of a job (``_local-job``) as a daemon (reparented to init, no zombie left here).
 
-        ``/bin/sh`` only backgrounds the runner: the script is constant and
-        every value is passed as a positional argument, never interpolated.
+        The runner imports this file as a module, so its cached bytecode is
+        used: run as a script it would be compiled anew for every job (a
+        tenth of a second).  ``/bin/sh`` only backgrounds it: the scripts are
+        constant and every value is passed as a positional argument, never
+        interpolated.
         """
         module_file = os.path.abspath(sys.modules[__name__].__file__ or sys.argv[0])
-        argv = [sys.executable, "-I", module_file, "_local-job", str(spool), job_id]
+        argv = [sys.executable, "-I", "-c", _RUNNER_PROGRAM, module_file, "_local-job", str(spool), job_id]
         with _open_append(spool / f"{job_id}.runner.log") as runner_log:
             subprocess.run(["/bin/sh", "-c", 'exec "$@" &', "sh", *argv], stdin=subprocess.DEVNULL,
                            stdout=runner_log, stderr=runner_log, close_fds=True, check=True)
@@ -6454,6 +6457,17 @@ def _local_cpu_count() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+#: What ``python -I -c`` runs to start a local job's runner: ``argv`` is
+#: ``[-c, REFLOW_FILE, _local-job, SPOOL, JOB_ID]`` (see LocalExecutor._start_runner).
+_RUNNER_PROGRAM = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("reflow", sys.argv[1])
+module = sys.modules["reflow"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.exit(module._run_local_job(sys.argv[3], sys.argv[4]))
+"""
 
 
 def _run_local_job(spool: str, job_id: str) -> int:
