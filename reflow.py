@@ -99,10 +99,17 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import base64
     import dataclasses
+    import difflib
+    import html
     import inspect
+    import multiprocessing
+    import select
     import shlex
+    import shutil
     import signal
     import subprocess
+    import tempfile
+    import traceback
     import typing
     from dataclasses import dataclass as _dataclass
     from dataclasses import field as _field
@@ -135,9 +142,11 @@ class _LoadOnUse:
         return self._load()(*args, **kwargs)
 
 
+#: Modules only some commands or paths need: bound to _LoadOnUse stand-ins below.
+_LAZY_MODULES = ("base64", "dataclasses", "difflib", "html", "inspect", "multiprocessing", "select", "shlex", "shutil",
+                 "signal", "subprocess", "tempfile", "traceback", "typing")
 if not TYPE_CHECKING:  # what mypy sees imported above loads when first used
-    base64, dataclasses, inspect, shlex, signal, subprocess, typing = map(
-        _LoadOnUse, ("base64", "dataclasses", "inspect", "shlex", "signal", "subprocess", "typing"))
+    globals().update((name, _LoadOnUse(name)) for name in _LAZY_MODULES)
     Path = _LoadOnUse("pathlib", "Path")
 
 
@@ -252,8 +261,6 @@ class TaskInterrupted(ReflowError):
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
     """Return " Did you mean 'x'?" for the closest choice, or ""."""
-    import difflib  # lazy: only errors need it
-
     close = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
 
@@ -322,20 +329,20 @@ def _lazy_dataclass(cls: Optional[type] = None, *, frozen: bool = False) -> Any:
 
 def _stand_in(cls: type, method: str) -> Any:
     """Return a method that finishes ``cls`` as a dataclass, then does what ``method`` was asked."""
+    if method == "__new__":
+        def new(klass: type, *args: Any, **kwargs: Any) -> Any:
+            _finish_dataclass(cls)  # waits while another thread finishes it
+            return object.__new__(klass)
 
-    def new(klass: type, *args: Any, **kwargs: Any) -> Any:
-        _finish_dataclass(cls)  # waits while another thread finishes it
-        return object.__new__(klass)
+        return staticmethod(new)
 
-    def getattr_(self: Any, name: str) -> Any:
+    def finish_then_call(self: Any, *args: Any) -> Any:
         _finish_dataclass(cls)
-        return object.__getattribute__(self, name)
-
-    def other(self: Any, *args: Any) -> Any:
-        _finish_dataclass(cls)
+        if method == "__getattr__":  # the plain class lacked it: look again in the dataclass
+            return object.__getattribute__(self, *args)
         return getattr(cls, method)(self, *args)
 
-    return staticmethod(new) if method == "__new__" else getattr_ if method == "__getattr__" else other
+    return finish_then_call
 
 
 def _lazy_field(**options: Any) -> Any:
@@ -3907,7 +3914,7 @@ def compute_input_hash(task: str, version: str, inputs: Any, params: Optional[Ma
 
 def compute_identity(input_hash: str, upstream_hashes: Iterable[str]) -> str:
     """Combine an input hash with the output hashes of ``after=`` dependencies."""
-    return _sha256((input_hash + "|" + "|".join(sorted(upstream_hashes))).encode()).hexdigest()[:16]
+    return _hash16(input_hash + "|" + "|".join(sorted(upstream_hashes)))
 
 
 def compute_output_hash(output: Any) -> str:
@@ -6192,8 +6199,6 @@ class _CpuSlots:
     """
 
     def __init__(self, total: int) -> None:
-        import tempfile  # lazy: only local jobs need it
-
         base = Path(tempfile.gettempdir()) / f"reflow-slots-{os.getuid() if hasattr(os, 'getuid') else 0}"
         self.dir = _private_dir(base)
         if self.dir.stat().st_uid != os.getuid():
@@ -6233,8 +6238,6 @@ class _ExitWatch:
     """
 
     def __init__(self, fallback: float) -> None:
-        import select  # lazy: only local jobs wait on processes
-
         self.fallback = fallback
         self.poller = select.poll() if hasattr(os, "pidfd_open") and hasattr(select, "poll") else None
         self.pidfds: Dict[int, int] = {}
@@ -6253,8 +6256,6 @@ class _ExitWatch:
             self.close()
             self.poller = None
             return False
-        import select
-
         self.pidfds[pid] = fd
         self.poller.register(fd, select.POLLIN)  # readable once the process has ended
         return True
@@ -6282,7 +6283,7 @@ class _ExitWatch:
 
 
 class _LocalJobRunner:
-    """Body of ``reflow.py _local-job SPOOL ID``: run one local job to its end.
+    """Body of a local job's runner (started by ``LocalExecutor._start_runner``): run one job to its end.
 
     The state file holds the job's own state; each element's exit is
     appended to the job's element log as it happens (one short line, not a
@@ -6460,7 +6461,8 @@ def _local_cpu_count() -> int:
 
 
 #: What ``python -I -c`` runs to start a local job's runner: ``argv`` is
-#: ``[-c, REFLOW_FILE, _local-job, SPOOL, JOB_ID]`` (see LocalExecutor._start_runner).
+#: ``[-c, REFLOW_FILE, _local-job, SPOOL, JOB_ID]``, the ``_local-job`` word only marking the
+#: process as a runner for :func:`_is_runner` (see LocalExecutor._start_runner).
 _RUNNER_PROGRAM = """\
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("reflow", sys.argv[1])
@@ -6471,7 +6473,7 @@ sys.exit(module._run_local_job(sys.argv[3], sys.argv[4]))
 
 
 def _run_local_job(spool: str, job_id: str) -> int:
-    """Entry point of a local job runner (``reflow.py _local-job``)."""
+    """Entry point of a local job runner (``_RUNNER_PROGRAM``)."""
     with contextlib.suppress(OSError):
         os.setsid()  # own session: cancel kills the runner's whole process group
     runner = _LocalJobRunner(Path(spool), job_id)
@@ -6548,8 +6550,6 @@ def default_executor(config: Optional[Config] = None) -> Executor:
 
 def _detect_scheduler(config: Config) -> str:
     """Name the scheduler whose client commands are on PATH, else ``local``."""
-    import shutil  # lazy: only auto-detection needs it
-
     for name, binary in (("slurm", "sbatch"), ("lsf", "bsub"), ("flux", "flux")):
         if shutil.which(config.executor_binary(binary)):
             return name
@@ -7543,8 +7543,6 @@ def _run_chunk_forked(job: _ElementRunner, insts: List[Dict[str, Any]], slots: i
     2 done, 3 failed; an element left running by a process that died
     (OOM, kill -9) gets a FAILED result naming the signal here.
     """
-    import multiprocessing  # lazy: only packed jobs with cpus > 1 need it
-
     ctx = multiprocessing.get_context("fork")
     counter = ctx.Value("i", 0)
     states = ctx.RawArray("b", len(insts))
@@ -7580,8 +7578,6 @@ def _pool_child(job: _ElementRunner, insts: List[Dict[str, Any]], counter: Any, 
                     break
         return 0
     except BaseException:  # never unwind into the parent's code from a forked child
-        import traceback
-
         traceback.print_exc()
         return 1
     finally:
@@ -7696,8 +7692,6 @@ def _failure_outcome(exc: BaseException) -> Dict[str, Any]:
     if isinstance(exc, (SystemExit, KeyboardInterrupt)) and not isinstance(exc, TaskInterrupted):
         text = f"{type(exc).__name__}: {exc}"
     else:
-        import traceback  # lazy: only failures need it
-
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     reason = INTERRUPTED if isinstance(exc, TaskInterrupted) else ""
     return {"state": _FAILED, "output": None, "output_hash": "", "error_text": text, "reason": reason}
@@ -9268,8 +9262,6 @@ def render_report(data: Mapping[str, Any]) -> str:
 
 def _esc(value: Any) -> str:
     """Return ``value`` as text safe inside HTML and SVG, attributes included."""
-    import html  # lazy: only the report needs it
-
     return html.escape(str(value), quote=True)
 
 
@@ -9842,8 +9834,6 @@ def _cli_main(argv: List[str], wf: Optional[Workflow]) -> int:
         return 130
     except (ReflowError, ValueError, TypeError, KeyError, OSError, sqlite3.Error, TimeoutError) as exc:
         if debug:
-            import traceback
-
             traceback.print_exc()
         message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"{prog}: error: {message.splitlines()[0] if message else type(exc).__name__}", file=sys.stderr)
@@ -10227,10 +10217,7 @@ _COMMANDS: Dict[str, Callable[[argparse.Namespace, Any], int]] = {
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``python reflow.py COMMAND ...``: operate runs from the store alone."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["_local-job"] and len(args) == 3:
-        return _run_local_job(args[1], args[2])
-    return _cli_main(args, None)
+    return _cli_main(list(sys.argv[1:] if argv is None else argv), None)
 
 
 # =============================================================================

@@ -6823,7 +6823,8 @@ class PackLocalTest(TempDirTest):
 
 #: Modules only some commands need; ``import reflow`` must not load them.
 _HEAVY_MODULES = ("dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging", "tomllib",
-                  "difflib", "uuid", "tempfile", "shutil", "html", "traceback", "subprocess")
+                  "difflib", "uuid", "tempfile", "shutil", "html", "traceback", "subprocess", "select",
+                  "multiprocessing")
 
 
 def _fresh_python(code: str) -> str:
