@@ -7778,7 +7778,7 @@ class _Dispatcher:
     """One dispatch cycle: ingest, reconcile, plan, submit, finalise, re-arm."""
 
     def __init__(self, wf: Workflow, store: Store, run_id: str, run_dir: Union[str, Path],
-                 executor: Optional[Executor], verify: bool) -> None:
+                 executor: Optional[Executor], verify: bool, waiting_client: bool = False) -> None:
         self.wf, self.store, self.run_id, self.verify = wf, store, run_id, verify
         self.run = _load_run(store, run_id)
         self.params = self.run["parameters"]
@@ -7800,6 +7800,11 @@ class _Dispatcher:
         self.waiting_for_grace = False
         self.started = time.monotonic()
         self.own_job = _current_job_id() if os.environ.get(JOB_ENV_MARKER) else ""
+        # A cycle run by a waiting client (_WaitingDispatcher) leaves the next one to the dispatch job an
+        # earlier cycle queued, while that job is alive.  A dispatch job always queues its successor.
+        queued = (self.run.get("dispatch_job_id") or "") if waiting_client else ""
+        self.queued_dispatch = "" if queued in (self.own_job, "DRYRUN") else queued
+        self.queued_dispatch_alive = False
         self.guard: Optional[str] = None  # dispatch job armed after this one while it runs work inline
         self.inline_deferred = False  # inline work left for a dispatch job (this one is not a batch job)
         self._packs: Dict[str, Tuple[int, int]] = {}
@@ -7933,14 +7938,16 @@ class _Dispatcher:
         stopped = [row for row in self.store.instance_rows(self.run_id, states=["FAILED"])
                    if row[0] in self.interrupted and row[4]] if self.interrupted else []
         job_ids = sorted({row[4] for row in rows + stopped if row[4] and row[4] != "DRYRUN"})
-        if not job_ids:
+        if not job_ids and not self.queued_dispatch:
             return 0
         try:
-            infos = self.executor.job_infos(job_ids)
+            infos = self.executor.job_infos(job_ids + ([self.queued_dispatch] if self.queued_dispatch else []))
         except ExecutorError as exc:
             log.warning("could not query job states (%s); assuming they are still active", exc)
             self.live_jobs = job_ids
             return 0
+        queued = infos.get(self.queued_dispatch)
+        self.queued_dispatch_alive = queued is not None and queued.state not in FINAL_JOB_STATES
         # A job whose afterok dependency failed may still sit in the queue (LSF keeps it
         # pending for ever); executors report it FAILED, and it is cancelled here.
         never = [j for j in job_ids if j in infos and infos[j].reason == "DEPENDENCY_NEVER_SATISFIED"]
@@ -8443,15 +8450,23 @@ class _Dispatcher:
             self.store.update_run_status(self.run_id, status)
 
     def _rearm(self) -> None:
-        """Submit the follow-up dispatch job while anything is still active (first cancel the inline guard)."""
+        """Submit the follow-up dispatch job while anything is still active (first cancel the inline guard).
+
+        A dispatch job queued by an earlier cycle and still alive will run
+        the next cycle itself, so none is added; once the run has ended it
+        has nothing left to do and is cancelled.
+        """
         if self.guard is not None:
             with contextlib.suppress(ExecutorError):
                 self.executor.cancel(self.guard)
             self.guard = None
         if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
+            if self.queued_dispatch_alive:
+                with contextlib.suppress(ExecutorError):
+                    self.executor.cancel(self.queued_dispatch)
             return
         active = self.store.count_task_instances(self.run_id, states=sorted(TaskState.active()))
-        if not active:
+        if not active or self.queued_dispatch_alive:
             return
         after = sorted(set(self.live_jobs) | set(self.submitted))
         delay = 0 if after or self.inline_deferred else max(1, int(self.grace) if self.waiting_for_grace else 2)
@@ -8502,6 +8517,77 @@ def _crash_point(name: str) -> None:
         except FileExistsError:
             return
     os._exit(137)
+
+
+class _WaitingDispatcher:
+    """Run a dispatch cycle from a process that waits for a run, as soon as a stage's results are all in.
+
+    On a cluster every dispatch job waits in the queue before it runs; a
+    client blocked in ``Run.wait`` (``submit --wait``) has nothing better to
+    do, so it watches the results directory and runs the cycle itself when
+    ingesting would start new work or end the run.  The queued dispatch jobs
+    stay the run's engine: if this process stops, they carry on, and a
+    cycle run here queues no second one (see ``_Dispatcher._rearm``).
+    """
+
+    #: Shortest pause between two looks at the results directory (seconds).
+    MIN_INTERVAL = 0.1
+
+    def __init__(self, wf: Workflow, store: Store, run_id: str, run_dir: Path, executor: Optional[Executor],
+                 verify: bool) -> None:
+        self.wf, self.store, self.run_id, self.run_dir = wf, store, run_id, run_dir
+        self.executor, self.verify = executor, verify
+        self.results = _results_dir(run_dir, run_id)
+        self.dependents = {name: [other for other, spec in wf.tasks.items() if name in spec.dependencies]
+                           for name in wf.tasks}
+        self.seen: frozenset = frozenset()
+        self.interval = self.MIN_INTERVAL
+
+    def poll(self) -> bool:
+        """Look at the results once; run a cycle if one would make progress.  Return whether one ran."""
+        started = time.monotonic()
+        names = self._result_names()
+        # a directory of 100,000 results takes a while to list: look less often, never more than 1/20 busy
+        self.interval = max(self.MIN_INTERVAL, 20 * (time.monotonic() - started))
+        if names == self.seen:
+            return False
+        self.seen = names
+        if not self._cycle_would_progress(names):
+            return False
+        with _run_lock(self.run_dir, self.run_id, timeout=0) as locked:
+            if not locked:  # a dispatch job is at it right now
+                return False
+            _Dispatcher(self.wf, self.store, self.run_id, self.run_dir, self.executor, self.verify,
+                        waiting_client=True).cycle()
+        return True
+
+    def _result_names(self) -> frozenset:
+        try:
+            with os.scandir(self.results) as entries:
+                return frozenset(entry.name for entry in entries if entry.name.endswith(".json"))
+        except OSError:
+            return frozenset()
+
+    def _cycle_would_progress(self, names: frozenset) -> bool:
+        """Tell whether some task has a result for every job in flight, and that result unblocks anything.
+
+        It does when a task that depends on it has no instances yet (a
+        dynamic fan-out waits for its input), or when nothing else is in
+        flight (the run can end, or fail).
+        """
+        arrived: Dict[str, int] = {}
+        for name in names:
+            task = _parse_result_name(name)[0]
+            if task is not None:
+                arrived[task] = arrived.get(task, 0) + 1
+        summary = self.store.task_state_summary(self.run_id)
+        in_flight = {task: counts.get("SUBMITTED", 0) + counts.get("RUNNING", 0) for task, counts in summary.items()}
+        complete = [task for task, count in in_flight.items() if count and arrived.get(task, 0) >= count]
+        if not complete:
+            return False
+        if len(complete) == sum(1 for count in in_flight.values() if count):
+            return True
+        return any(not summary.get(other) for task in complete for other in self.dependents.get(task, ()))
 
 
 # =============================================================================
@@ -8757,7 +8843,9 @@ class Workflow(Flow):
         run_id, run_dir_path, store, executor_obj = self._create_run(run_dir, store, executor, force, force_tasks,
                                                                      params, needs_entrypoint=True)
         self.dispatch(run_id, store, run_dir_path, executor=executor_obj, verify=verify)
-        return Run(self, run_id, run_dir_path, store)
+        run = Run(self, run_id, run_dir_path, store)
+        run._waiting_dispatcher = _WaitingDispatcher(self, store, run_id, run_dir_path, executor_obj, verify)
+        return run
 
     def submit_run(self, run_dir: Union[str, Path], parameters: Mapping[str, Any], store: Optional[Store] = None,
                    executor: Union[str, Executor, None] = None, verify: bool = False) -> str:
@@ -9084,6 +9172,7 @@ class Run:
 
     def __init__(self, workflow: Optional[Workflow], run_id: str, run_dir: Union[str, Path], store: Store) -> None:
         self.workflow, self.run_id, self.run_dir, self.store = workflow, run_id, Path(run_dir), store
+        self._waiting_dispatcher: Optional[_WaitingDispatcher] = None  # set by Workflow.submit
 
     def __repr__(self) -> str:
         name = self.workflow.name if self.workflow else "?"
@@ -9133,19 +9222,37 @@ class Run:
         print(f"Marked {count} task instance(s) for retry.")
         return count
 
-    def wait(self, timeout: Optional[float] = None, poll: float = 0.5) -> str:
+    def wait(self, timeout: Optional[float] = None, poll: float = 0.5, dispatch: bool = True) -> str:
         """Block until the run leaves RUNNING; return its final state.
 
-        Raises TimeoutError after ``timeout`` seconds.
+        The store is read every ``poll`` seconds.  With ``dispatch`` (the
+        default) and a run started by ``submit`` in this process, the wait
+        also runs the next dispatch cycle here as soon as a stage's results
+        are all in, instead of leaving it to a dispatch job that would first
+        wait in the queue (see :class:`_WaitingDispatcher`).  Raises
+        TimeoutError after ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        next_read = time.monotonic()
         while True:
-            state = self.state
-            if state != RunState.RUNNING.value:
-                return state
+            helper = self._waiting_dispatcher if dispatch else None
+            if (helper is not None and self._help(helper)) or time.monotonic() >= next_read:
+                state = self.state
+                if state != RunState.RUNNING.value:
+                    return state
+                next_read = time.monotonic() + poll
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"run {self.run_id} still RUNNING after {timeout:g}s")
-            time.sleep(poll)
+            time.sleep(min(poll, helper.interval) if helper is not None else poll)
+
+    def _help(self, helper: _WaitingDispatcher) -> bool:
+        """Let the waiting dispatcher look once; on an unexpected error stop helping (the dispatch jobs go on)."""
+        try:
+            return helper.poll()
+        except (ReflowError, OSError, sqlite3.Error) as exc:
+            log.warning("run %s: waiting without dispatching from here any more (%s)", self.run_id, exc)
+            self._waiting_dispatcher = None
+            return False
 
 
 # =============================================================================

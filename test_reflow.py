@@ -5880,6 +5880,94 @@ class SubmitTimeoutTest(_SpoolRunTest):
                 _FaultFigures.recovered += 1
 
 
+class WaitingDispatcherTest(_SpoolRunTest):
+    """Run.wait runs the dispatch cycle itself once a stage's results are in; the queued dispatch job is a spare."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.base = self.tmp / "w"
+        self.store_path = self.base / "store" / "manifest.db"
+        self.sched = _SpoolScheduler(self.base / "spool")
+        self.store = reflow.SqliteStore(self.store_path)
+        self.addCleanup(self.store.close)
+        with contextlib.redirect_stderr(io.StringIO()):
+            self.run = self.wf.submit(self.base / "run", store=self.store, executor=self.sched, n=3)
+
+    def run_task_jobs(self) -> None:
+        """Run every pending worker job (the dispatch jobs stay queued, like jobs stuck behind others)."""
+        for job_id, record in self.sched.pending():
+            if not record["name"].endswith("-dispatch"):
+                with contextlib.redirect_stderr(io.StringIO()):
+                    _run_job(self.wf, self.sched, record)
+                self.sched.finish(job_id)
+
+    def dispatch_jobs(self) -> Dict[str, str]:
+        return {job_id: self.sched.job_state(job_id) for job_id, record in self.sched.jobs().items()
+                if record["name"].endswith("-dispatch")}
+
+    def poll(self) -> bool:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return self.run._waiting_dispatcher.poll()
+
+    def test_the_waiting_client_runs_each_cycle_and_cancels_the_spare_dispatch_job(self) -> None:
+        self.assertFalse(self.poll())  # prepare has not run: nothing to do
+        self.run_task_jobs()
+        self.assertTrue(self.poll())
+        self.assertEqual(sorted(name.split("-")[1] for name in self.sched.task_job_names()),
+                         ["prepare", "square", "total"])  # total forward-submitted after square
+        self.assertEqual(list(self.dispatch_jobs().values()), ["PENDING"])  # the first one covers the next cycle
+        self.run_task_jobs()
+        self.assertTrue(self.poll())
+        self.assertEqual(self.run.state, "SUCCESS")
+        self.assertEqual(self.store.get_singleton_output(self.run.run_id, "total"), 5)
+        self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED"])
+        self.assertCompleted(self.store_path, self.run.run_id, self.sched, 3)
+
+    def test_no_cycle_while_a_stage_still_has_jobs_in_flight(self) -> None:
+        self.run_task_jobs()
+        self.assertTrue(self.poll())
+        square = next(rec for _, rec in self.sched.pending() if "-square-" in rec["name"])
+        args = _job_args(square["command"])
+        with contextlib.redirect_stderr(io.StringIO()):
+            reflow.run_worker(self.wf, self.run.run_id, str(self.store_path), args["--run-dir"], "square", index=0)
+        self.assertFalse(self.poll())  # one of three square results: ingesting it would start nothing
+        self.assertEqual(self.store.task_state_summary(self.run.run_id)["square"], {"SUBMITTED": 3})
+
+    def test_a_dispatch_job_that_runs_after_the_client_doubles_nothing(self) -> None:
+        self.run_task_jobs()
+        self.assertTrue(self.poll())
+        _drive(self.wf, self.sched)  # the queued dispatch job runs too, then everything else
+        self.assertEqual(self.run.state, "SUCCESS")
+        self.assertCompleted(self.store_path, self.run.run_id, self.sched, 3)
+
+    def test_a_busy_lock_leaves_the_cycle_to_its_holder(self) -> None:
+        self.run_task_jobs()
+        with reflow._run_lock(self.base / "run", self.run.run_id) as locked:
+            self.assertTrue(locked)
+            self.assertFalse(self.poll())
+        self.assertEqual(self.sched.task_job_names(), [self.sched.task_job_names()[0]])  # only prepare
+
+    def test_wait_ends_a_run_whose_dispatch_jobs_never_start(self) -> None:
+        stop = threading.Event()
+
+        def scheduler() -> None:
+            while not stop.is_set():
+                self.run_task_jobs()
+                time.sleep(0.02)
+
+        thread = threading.Thread(target=scheduler)
+        thread.start()
+        try:
+            with self.assertRaises(TimeoutError):
+                self.run.wait(timeout=1.0, poll=0.05, dispatch=False)
+            self.assertEqual(self.run.wait(timeout=60, poll=0.05), "SUCCESS")
+        finally:
+            stop.set()
+            thread.join()
+        self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED"])
+        self.assertCompleted(self.store_path, self.run.run_id, self.sched, 3)
+
+
 class SchedulerOutageTest(FakeSchedulerCase):
     """Fault 5: transient scheduler failures from a fake sbatch on PATH, at the level of whole runs."""
 
