@@ -7805,6 +7805,8 @@ class _Dispatcher:
         queued = (self.run.get("dispatch_job_id") or "") if waiting_client else ""
         self.queued_dispatch = "" if queued in (self.own_job, "DRYRUN") else queued
         self.queued_dispatch_alive = False
+        self.waiting_client = waiting_client
+        self.deferred: set = set()  # result files left for a dispatch job (see _ingest)
         self.guard: Optional[str] = None  # dispatch job armed after this one while it runs work inline
         self.inline_deferred = False  # inline work left for a dispatch job (this one is not a batch job)
         self._packs: Dict[str, Tuple[int, int]] = {}
@@ -7874,6 +7876,10 @@ class _Dispatcher:
             record = _read_result_file(path)
             if record is None or not _record_matches(record, path.name, owners):
                 broken.append(path)
+            elif self.waiting_client and record.get("reason") == INTERRUPTED:
+                # Only the scheduler's final word tells why a worker was stopped (TIMEOUT, PREEMPTED), and
+                # the job may still be ending: a dispatch job, which runs after it, ingests this one.
+                self.deferred.add(path)
             elif path.suffix == ".started":
                 started.append((record["instance_id"], record["attempt"], record.get("started_at")))
             else:
@@ -7923,6 +7929,8 @@ class _Dispatcher:
     def _delete(self, files: List[Path]) -> None:
         """Remove ingested files (after the transaction committed)."""
         for path in files:
+            if path in self.deferred:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -8542,6 +8550,7 @@ class _WaitingDispatcher:
                            for name in wf.tasks}
         self.seen: frozenset = frozenset()
         self.interval = self.MIN_INTERVAL
+        self.cycles = 0  # cycles run from here
 
     def poll(self) -> bool:
         """Look at the results once; run a cycle if one would make progress.  Return whether one ran."""
@@ -8559,6 +8568,7 @@ class _WaitingDispatcher:
                 return False
             _Dispatcher(self.wf, self.store, self.run_id, self.run_dir, self.executor, self.verify,
                         waiting_client=True).cycle()
+        self.cycles += 1
         return True
 
     def _result_names(self) -> frozenset:

@@ -403,6 +403,8 @@ class Bench:
                 samples[impl].append(sample)
                 calls[impl].append(count_calls(log))
         ours, inline, chain, theirs = (Measure(statistics.median(s.wall for s in samples[k])) for k in order)
+        self.notes.append(f"8: the chain's elements run `python3` from PATH ({shutil.which('python3')}); the "
+                          f"elements of ours and reflow-hpc run the venv's interpreter ({self.python}).")
         self.row(8, f"Slurm 3 stages, N={n} (wall)", ours, "sbatch --dependency chain", chain,
                  ("ours/chain", lambda o, t: o / t), "<= 1.15", lambda o, t: o <= 1.15 * t)
         self.row(8, f"Slurm 3 stages, N={n}, inline=True (wall)", inline, "sbatch --dependency chain", chain,
@@ -604,7 +606,9 @@ METHOD = [
     "7 times a whole fresh process (import, submit, one dispatch cycle planning and submitting all N elements) "
     "against `snakemake -n --cores 1 --quiet` building the same DAG from a generated Snakefile.",
     "Packing (issue 7) is measured on its own by bench/pack_slurm.py: see bench/PACKING.md.",
-    "Scenario 8: ours is `flow.py submit --executor slurm --wait` (polls the store every 0.5 s); `inline=True` "
+    "Scenario 8: ours is `flow.py submit --executor slurm --wait` (the waiting client looks at the results "
+    "every 0.1 s and runs a dispatch cycle itself when a stage is complete; the store is read every 0.5 s); "
+    "`inline=True` "
     "is the same pipeline from bench/pack_flow.py with every task run inside the dispatch job; the chain is "
     "bench/slurm_chain.sh (polls sacct every 0.1 s); reflow-hpc is its own `flow.py submit` with its default "
     "Slurm executor, the store polled every 0.2 s. Scheduler calls are counted by argv-logging wrappers on PATH, "
