@@ -7804,7 +7804,7 @@ class _Dispatcher:
         # earlier cycle queued, while that job is alive.  A dispatch job always queues its successor.
         queued = (self.run.get("dispatch_job_id") or "") if waiting_client else ""
         self.queued_dispatch = "" if queued in (self.own_job, "DRYRUN") else queued
-        self.queued_dispatch_alive = False
+        self.queued_dispatch_alive: Optional[bool] = None  # None: not asked yet
         self.waiting_client = waiting_client
         self.deferred: set = set()  # result files left for a dispatch job (see _ingest)
         self.guard: Optional[str] = None  # dispatch job armed after this one while it runs work inline
@@ -7946,16 +7946,16 @@ class _Dispatcher:
         stopped = [row for row in self.store.instance_rows(self.run_id, states=["FAILED"])
                    if row[0] in self.interrupted and row[4]] if self.interrupted else []
         job_ids = sorted({row[4] for row in rows + stopped if row[4] and row[4] != "DRYRUN"})
-        if not job_ids and not self.queued_dispatch:
+        if not job_ids:
             return 0
-        try:
+        try:  # the queued dispatch job rides along: _rearm may need to know whether it is alive
             infos = self.executor.job_infos(job_ids + ([self.queued_dispatch] if self.queued_dispatch else []))
         except ExecutorError as exc:
             log.warning("could not query job states (%s); assuming they are still active", exc)
             self.live_jobs = job_ids
             return 0
-        queued = infos.get(self.queued_dispatch)
-        self.queued_dispatch_alive = queued is not None and queued.state not in FINAL_JOB_STATES
+        if self.queued_dispatch:
+            self.queued_dispatch_alive = self._alive(infos.get(self.queued_dispatch))
         # A job whose afterok dependency failed may still sit in the queue (LSF keeps it
         # pending for ever); executors report it FAILED, and it is cancelled here.
         never = [j for j in job_ids if j in infos and infos[j].reason == "DEPENDENCY_NEVER_SATISFIED"]
@@ -8469,12 +8469,12 @@ class _Dispatcher:
                 self.executor.cancel(self.guard)
             self.guard = None
         if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
-            if self.queued_dispatch_alive:
-                with contextlib.suppress(ExecutorError):
+            if self.queued_dispatch and self.queued_dispatch_alive is not False:
+                with contextlib.suppress(ExecutorError):  # one that already ended is a benign error
                     self.executor.cancel(self.queued_dispatch)
             return
         active = self.store.count_task_instances(self.run_id, states=sorted(TaskState.active()))
-        if not active or self.queued_dispatch_alive:
+        if not active or self._queued_dispatch_runs_next():
             return
         after = sorted(set(self.live_jobs) | set(self.submitted))
         delay = 0 if after or self.inline_deferred else max(1, int(self.grace) if self.waiting_for_grace else 2)
@@ -8485,6 +8485,24 @@ class _Dispatcher:
             self.store.update_run_status(self.run_id, RunState.FAILED.value)
             raise ExecutorError(f"run {self.run_id} marked FAILED: cannot submit its next dispatch cycle ({exc}); "
                                 f"'retry {self.run_id}' resumes it once the scheduler answers") from None
+
+
+    def _queued_dispatch_runs_next(self) -> bool:
+        """Tell whether the dispatch job an earlier cycle queued is alive (asked now if reconcile did not)."""
+        if not self.queued_dispatch:
+            return False
+        if self.queued_dispatch_alive is None:
+            try:  # this cycle's only scheduler query: reconcile had no job to ask about
+                self.queued_dispatch_alive = self._alive(self.executor.job_infos([self.queued_dispatch]).get(
+                    self.queued_dispatch))
+            except ExecutorError as exc:
+                log.warning("could not ask about dispatch job %s (%s); queueing another", self.queued_dispatch, exc)
+                self.queued_dispatch_alive = False
+        return self.queued_dispatch_alive
+
+    @staticmethod
+    def _alive(info: Optional[JobInfo]) -> bool:
+        return info is not None and info.state not in FINAL_JOB_STATES
 
 
 def _satisfied(spec_row: Mapping[str, Any], counts: Mapping[str, int]) -> bool:

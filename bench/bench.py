@@ -388,7 +388,7 @@ class Bench:
             self.notes.append("8: skipped (no sbatch/sacct on PATH).")
             print("8: skipped (no sbatch/sacct on PATH)", flush=True)
             return
-        n, reps = 200, 1 if self.quick else 2
+        n, reps = 200, 1 if self.quick else max(2, self.reps // 2)
         order = ["ours", "inline", "chain", "theirs"]
         samples = {impl: [] for impl in order}
         calls = {impl: [] for impl in order}
