@@ -8460,21 +8460,21 @@ class _Dispatcher:
     def _rearm(self) -> None:
         """Submit the follow-up dispatch job while anything is still active (first cancel the inline guard).
 
-        A dispatch job queued by an earlier cycle and still alive will run
-        the next cycle itself, so none is added; once the run has ended it
-        has nothing left to do and is cancelled.
+        In a waiting client's cycle the dispatch job an earlier cycle queued
+        is a spare.  If this cycle submitted nothing and the spare is alive,
+        the spare runs the next cycle and nothing is added.  Otherwise a new
+        dispatch job, waiting on the jobs of now, replaces it; and once the
+        run has ended, the spare is cancelled.
         """
         if self.guard is not None:
             with contextlib.suppress(ExecutorError):
                 self.executor.cancel(self.guard)
             self.guard = None
         if _load_run(self.store, self.run_id)["status"] != RunState.RUNNING.value:
-            if self.queued_dispatch and self.queued_dispatch_alive is not False:
-                with contextlib.suppress(ExecutorError):  # one that already ended is a benign error
-                    self.executor.cancel(self.queued_dispatch)
+            self._cancel_spare()
             return
         active = self.store.count_task_instances(self.run_id, states=sorted(TaskState.active()))
-        if not active or self._queued_dispatch_runs_next():
+        if not active or (not self.submitted and self._queued_dispatch_runs_next()):
             return
         after = sorted(set(self.live_jobs) | set(self.submitted))
         delay = 0 if after or self.inline_deferred else max(1, int(self.grace) if self.waiting_for_grace else 2)
@@ -8485,7 +8485,13 @@ class _Dispatcher:
             self.store.update_run_status(self.run_id, RunState.FAILED.value)
             raise ExecutorError(f"run {self.run_id} marked FAILED: cannot submit its next dispatch cycle ({exc}); "
                                 f"'retry {self.run_id}' resumes it once the scheduler answers") from None
+        self._cancel_spare()
 
+    def _cancel_spare(self) -> None:
+        """Cancel the dispatch job an earlier cycle queued (a waiting client's cycle replaced or ended it)."""
+        if self.queued_dispatch and self.queued_dispatch_alive is not False:
+            with contextlib.suppress(ExecutorError):  # one that already ended is a benign error
+                self.executor.cancel(self.queued_dispatch)
 
     def _queued_dispatch_runs_next(self) -> bool:
         """Tell whether the dispatch job an earlier cycle queued is alive (asked now if reconcile did not)."""

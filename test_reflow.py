@@ -4198,8 +4198,9 @@ class _BackendScenarios:
         dispatch job is one process, the client one process for all of its
         cycles); no call names a single array element.  Where a state query
         takes two commands (Slurm's sacct then squeue, Grid Engine's qstat then
-        qacct), each is held to this.  The one cancel allowed is the client's,
-        of the spare dispatch job queued when it ended the run.
+        qacct), each is held to this.  The cancels allowed are the client's, of
+        spare dispatch jobs (at most one per client cycle); a spare may start
+        before its cancel reaches it.
         """
         counts = self.count_calls(calls, wf_name)
         expected = self.expected_task_submits(run)
@@ -4212,12 +4213,12 @@ class _BackendScenarios:
         self.assertEqual(got, expected, f"task submissions differ\n{info}")
         self.assertEqual(counts["submit"], sum(expected.values()) + counts["dispatch"], info)
         cancels = [" ".join(argv) for argv in calls if self.kind(argv) == "cancel"]
-        self.assertLessEqual(len(cancels), 1, info)
-        if cancels:  # the spare dispatch job may have started before it was cancelled
-            self.assertIn(run.store.get_run(run.run_id)["dispatch_job_id"], cancels[0], info)
+        self.assertLessEqual(len(cancels), client_cycles, info)  # each of a spare dispatch job
+        if cancels and run.state != "RUNNING":  # the client ended the run and cancelled the last spare
+            self.assertIn(run.store.get_run(run.run_id)["dispatch_job_id"], cancels[-1], info)
         dispatch_jobs = self.dispatch_logs(run, counts["dispatch"] - len(cancels))
-        self.assertIn(dispatch_jobs, (counts["dispatch"] - len(cancels), counts["dispatch"]),
-                      f"dispatch jobs that ran vs submitted\n{info}")
+        self.assertTrue(counts["dispatch"] - len(cancels) <= dispatch_jobs <= counts["dispatch"],
+                        f"{dispatch_jobs} dispatch jobs ran\n{info}")
         cycles = counts["dispatch"] + 1 + client_cycles
         self.assertLessEqual(counts["status"], cycles, f"more status queries than dispatch cycles\n{info}")
         self.assertLessEqual(counts["fallback"], cycles, f"more status queries than dispatch cycles\n{info}")
@@ -4308,10 +4309,12 @@ class _BackendScenarios:
         tasks = [n[len(wf_name) + 1:].split("-")[0] for n in names if n != f"{wf_name}-dispatch"]
         self.assertEqual(sorted(tasks), sorted(t for t, c in expected.items() for _ in range(c)), names)
         dispatch = names.count(f"{wf_name}-dispatch")
-        spare = run.store.get_run(run.run_id)["dispatch_job_id"]  # cancelled by the waiting client, or it ran
-        cancelled = int(reflow.LocalExecutor(spool=Path(run.run_dir) / ".reflow" / "local").job_state(spare)
-                        == "CANCELLED")
-        self.assertIn(self.dispatch_logs(run, dispatch - cancelled), (dispatch - cancelled, dispatch), names)
+        spool = Path(run.run_dir) / ".reflow" / "local"
+        states = [reflow.LocalExecutor(spool=spool).job_state(p.stem) for p in spool.glob("*.job")
+                  if json.loads(p.read_text())["name"] == f"{wf_name}-dispatch"]
+        cancelled = states.count("CANCELLED")  # spares of the waiting client; one may have started first
+        ran = self.dispatch_logs(run, dispatch - cancelled)
+        self.assertTrue(dispatch - cancelled <= ran <= dispatch, (ran, states, names))
 
     def test_b_failing_element_then_retry(self) -> None:
         """One element fails on the first attempt; retry resubmits only it and the run succeeds."""
@@ -5928,13 +5931,30 @@ class WaitingDispatcherTest(_SpoolRunTest):
         self.assertTrue(self.poll())
         self.assertEqual(sorted(name.split("-")[1] for name in self.sched.task_job_names()),
                          ["prepare", "square", "total"])  # total forward-submitted after square
-        self.assertEqual(list(self.dispatch_jobs().values()), ["PENDING"])  # the first one covers the next cycle
+        # the spare dispatch job is replaced by one that waits on square and total
+        self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED", "PENDING"])
+        self.assertEqual(self.store.get_run(self.run.run_id)["dispatch_job_id"], list(self.dispatch_jobs())[1])
+        self.assertFalse(self.poll())  # nothing new
         self.run_task_jobs()
         self.assertTrue(self.poll())
         self.assertEqual(self.run.state, "SUCCESS")
         self.assertEqual(self.store.get_singleton_output(self.run.run_id, "total"), 5)
-        self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED"])
+        self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED", "CANCELLED"])
         self.assertCompleted(self.store_path, self.run.run_id, self.sched, 3)
+
+    def test_a_cycle_that_submits_nothing_leaves_the_spare_alone(self) -> None:
+        self.run_task_jobs()
+        self.assertTrue(self.poll())
+        square = next(rec for _, rec in self.sched.pending() if "-square-" in rec["name"])
+        args = _job_args(square["command"])
+        with contextlib.redirect_stderr(io.StringIO()):
+            for index in range(3):
+                reflow.run_worker(self.wf, self.run.run_id, str(self.store_path), args["--run-dir"], "square",
+                                  index=index)
+        spare = self.store.get_run(self.run.run_id)["dispatch_job_id"]
+        self.assertFalse(self.poll())  # total was forward-submitted: square's results start nothing new
+        self.assertEqual(self.dispatch_jobs()[spare], "PENDING")
+        self.assertEqual(len(self.dispatch_jobs()), 2)
 
     def test_no_cycle_while_a_stage_still_has_jobs_in_flight(self) -> None:
         self.run_task_jobs()
@@ -5972,7 +5992,7 @@ class WaitingDispatcherTest(_SpoolRunTest):
         self.assertTrue(self.poll())  # the cycle runs, but leaves the result where it is
         self.assertTrue(path.exists())
         self.assertEqual(self.store.task_state_summary(self.run.run_id)["prepare"], {"SUBMITTED": 1})
-        self.assertEqual(list(self.dispatch_jobs().values()), ["PENDING"])
+        self.assertEqual(list(self.dispatch_jobs().values()), ["PENDING"])  # nothing submitted: the spare stays
         job_id = next(j for j, rec in self.sched.pending() if "-prepare-" in rec["name"])
         self.sched.finish(job_id, "TIMEOUT")  # the scheduler's final word
         _drive(self.wf, self.sched)
@@ -5997,7 +6017,7 @@ class WaitingDispatcherTest(_SpoolRunTest):
         finally:
             stop.set()
             thread.join()
-        self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED"])
+        self.assertEqual(set(self.dispatch_jobs().values()), {"CANCELLED"})  # no dispatch job ever ran
         self.assertCompleted(self.store_path, self.run.run_id, self.sched, 3)
 
 
