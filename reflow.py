@@ -74,7 +74,6 @@ __all__ = [
 ]
 
 import abc
-import argparse
 import atexit
 import collections
 import contextlib
@@ -97,6 +96,7 @@ import types
 #: ``typing.TYPE_CHECKING`` without importing typing: mypy reads the imports below, Python skips them.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     import base64
     import dataclasses
     import difflib
@@ -143,8 +143,8 @@ class _LoadOnUse:
 
 
 #: Modules only some commands or paths need: bound to _LoadOnUse stand-ins below.
-_LAZY_MODULES = ("base64", "dataclasses", "difflib", "html", "inspect", "multiprocessing", "select", "shlex", "shutil",
-                 "signal", "subprocess", "tempfile", "traceback", "typing")
+_LAZY_MODULES = ("argparse", "base64", "dataclasses", "difflib", "html", "inspect", "multiprocessing", "select",
+                 "shlex", "shutil", "signal", "subprocess", "tempfile", "traceback", "typing")
 if not TYPE_CHECKING:  # what mypy sees imported above loads when first used
     globals().update((name, _LoadOnUse(name)) for name in _LAZY_MODULES)
     Path = _LoadOnUse("pathlib", "Path")
@@ -9765,12 +9765,25 @@ class _UsageError(ReflowError):
     """A command-line usage error (exit code 2)."""
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so ``cli()`` can return codes."""
+_PARSER_CLASS: List[type] = []
 
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """Raise a usage error instead of printing and exiting."""
-        raise _UsageError(f"{self.prog}: {message}")
+
+def _parser_class() -> Type[argparse.ArgumentParser]:
+    """Return the ArgumentParser whose errors raise _UsageError, made when argparse is first needed.
+
+    A job never needs it (see :func:`_parse_job_argv`), so argparse is not
+    among the modules ``import reflow`` loads.
+    """
+    if not _PARSER_CLASS:
+        class UsageErrorParser(argparse.ArgumentParser):
+            """argparse that raises instead of exiting, so ``cli()`` can return codes."""
+
+            def error(self, message: str) -> None:  # type: ignore[override]
+                """Raise a usage error instead of printing and exiting."""
+                raise _UsageError(f"{self.prog}: {message}")
+
+        _PARSER_CLASS.append(UsageErrorParser)
+    return _PARSER_CLASS[0]
 
 
 def _convert_bool(text: str) -> bool:
@@ -9834,14 +9847,14 @@ def _store_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store-path", help="sqlite store (default: the configured or per-user store)")
 
 
-def _build_parser(wf: Optional[Workflow]) -> _ArgumentParser:
+def _build_parser(wf: Optional[Workflow]) -> argparse.ArgumentParser:
     """Build the parser of ``wf.cli()`` or, without a workflow, of ``reflow.py``."""
     prog = wf.name if wf else "reflow"
-    parser = _ArgumentParser(prog=prog, description=(wf and f"Workflow {wf.name!r} (reflow {__version__}).") or
+    parser = _parser_class()(prog=prog, description=(wf and f"Workflow {wf.name!r} (reflow {__version__}).") or
                              "Operate reflow runs from the store alone.")
     parser.add_argument("--version", action="version", version=f"{prog} (reflow {__version__})")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_ArgumentParser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_parser_class())
     sub.required = True
     if wf is not None:
         _add_submit_parsers(sub, wf)
@@ -9926,28 +9939,66 @@ def _add_run_parsers(sub: Any, wf: Optional[Workflow]) -> None:
     _store_args(dag)
 
 
-def _build_job_parser(command: str) -> _ArgumentParser:
-    """Build the parser of the hidden ``dispatch`` / ``worker`` commands.
+#: Stands for "no default" in :data:`_JOB_OPTIONS`.
+_REQUIRED = object()
+_COMMON_JOB_OPTIONS: Dict[str, Tuple[Any, Any]] = {"--run-id": (str, _REQUIRED), "--run-dir": (str, None),
+                                                   "--store-path": (str, None), "--debug": (None, False)}
+#: Options of the hidden job commands: flag -> (type of its value, None for a switch; default).  The
+#: argparse parser (help, error messages) and the fast path every job takes are both made from it.
+_JOB_OPTIONS: Dict[str, Dict[str, Tuple[Any, Any]]] = {
+    "dispatch": {**_COMMON_JOB_OPTIONS, "--verify": (None, False)},
+    "worker": {**_COMMON_JOB_OPTIONS, "--task": (str, _REQUIRED), "--index": (int, None), "--positions": (str, None),
+               "--base": (int, 0), "--pack": (int, None), "--slots": (int, 1)},
+}
+
+
+def _parse_job_argv(argv: Sequence[str]) -> Optional[types.SimpleNamespace]:
+    """Parse a job command written the way reflow writes it (``--flag value`` pairs), else return None.
+
+    Every array element starts with this: building an argparse parser
+    (argparse, gettext, a dozen regular expressions) would cost it a tenth
+    of its start-up.  Anything else (``--flag=value``, a value like a flag,
+    an unknown or missing option) returns None and goes through argparse,
+    which parses it the same way or says what is wrong.
+    """
+    options = _JOB_OPTIONS[argv[0]]
+    values = {flag: default for flag, (_, default) in options.items()}
+    words = iter(argv[1:])
+    for word in words:
+        if word not in options:
+            return None
+        kind = options[word][0]
+        if kind is None:
+            values[word] = True
+            continue
+        text = next(words, "-")
+        if text.startswith("-"):
+            return None
+        try:
+            values[word] = kind(text)
+        except ValueError:
+            return None
+    if any(value is _REQUIRED for value in values.values()):
+        return None
+    return types.SimpleNamespace(command=argv[0], **{flag[2:].replace("-", "_"): v for flag, v in values.items()})
+
+
+def _build_job_parser(command: str) -> argparse.ArgumentParser:
+    """Build the argparse parser of the hidden ``dispatch`` / ``worker`` commands.
 
     Its help has a fixed width: asking the terminal's would import shutil
-    (and bz2, lzma) in every worker, a twentieth of an element's startup.
+    (and bz2, lzma).
     """
-    parser = _ArgumentParser(prog=f"reflow {command}",
+    parser = _parser_class()(prog=f"reflow {command}",
                              formatter_class=lambda prog: argparse.HelpFormatter(prog, width=100))
     parser.add_argument("command")
-    parser.add_argument("--run-id", required=True)
-    parser.add_argument("--run-dir")
-    _store_args(parser)
-    parser.add_argument("--debug", action="store_true")
-    if command == "dispatch":
-        parser.add_argument("--verify", action="store_true")
-    else:
-        parser.add_argument("--task", required=True)
-        parser.add_argument("--index", type=int)
-        parser.add_argument("--positions")
-        parser.add_argument("--base", type=int, default=0)
-        parser.add_argument("--pack", type=int)
-        parser.add_argument("--slots", type=int, default=1)
+    for flag, (kind, default) in _JOB_OPTIONS[command].items():
+        if kind is None:
+            parser.add_argument(flag, action="store_true")
+        elif default is _REQUIRED:
+            parser.add_argument(flag, type=kind, required=True)
+        else:
+            parser.add_argument(flag, type=kind, default=default)
     return parser
 
 
@@ -9963,7 +10014,7 @@ def _cli_main(argv: List[str], wf: Optional[Workflow]) -> int:
         if argv and argv[0] in JOB_COMMANDS:
             if wf is None:
                 raise _UsageError(f"{prog}: '{argv[0]}' runs from the workflow file, not from reflow.py")
-            args = _build_job_parser(argv[0]).parse_args(argv)
+            args: Any = _parse_job_argv(argv) or _build_job_parser(argv[0]).parse_args(argv)
         else:
             args = _build_parser(wf).parse_args(argv)
         return _COMMANDS[args.command](args, wf)

@@ -6963,7 +6963,8 @@ class PackLocalTest(TempDirTest):
 # =============================================================================
 
 #: Modules only some commands need; ``import reflow`` must not load them.
-_HEAVY_MODULES = ("dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging", "tomllib",
+_HEAVY_MODULES = ("argparse", "dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging",
+                  "tomllib",
                   "difflib", "uuid", "tempfile", "shutil", "html", "traceback", "subprocess", "select",
                   "multiprocessing")
 
@@ -6983,10 +6984,40 @@ class LazyImportTest(unittest.TestCase):
 
     def test_import_leaves_heavy_modules_unloaded(self) -> None:
         probe = "import sys\n{imports}\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
-        baseline = _fresh_python(probe.format(imports="import sqlite3, json, argparse",
-                                              heavy=_HEAVY_MODULES))
+        baseline = _fresh_python(probe.format(imports="import sqlite3, json", heavy=_HEAVY_MODULES))
         loaded = _fresh_python(probe.format(imports="import reflow", heavy=_HEAVY_MODULES))
         self.assertEqual(loaded, baseline)
+
+    def test_import_leaves_argparse_to_the_commands_that_parse(self) -> None:
+        out = _fresh_python("""
+            import sys, reflow
+            print("argparse" in sys.modules)
+            reflow._build_parser(None)
+            print("argparse" in sys.modules)
+        """)
+        self.assertEqual(out.split(), ["False", "True"])
+
+    def test_job_commands_parse_as_argparse_does_without_it(self) -> None:
+        worker = ["worker", "--run-id", "fan-20261207-0a1b2c3d", "--run-dir", "/scratch/r 1", "--store-path", "/s.db",
+                  "--task", "square"]
+        same = [worker, [*worker, "--positions", "0-199", "--base", "1"], [*worker, "--index", "7", "--debug"],
+                [*worker, "--positions", "@/r/p.txt", "--base", "0", "--pack", "4", "--slots", "2"],
+                [*worker, "--index", "3", "--index", "4"],
+                ["dispatch", "--run-id", "r", "--run-dir", "/d", "--store-path", "/s.db", "--verify"],
+                ["dispatch", "--run-id", "r"], ["worker", "--task", "t", "--run-id", "r"]]
+        for argv in same:
+            with self.subTest(argv=argv):
+                expected = reflow._build_job_parser(argv[0]).parse_args(argv)
+                self.assertEqual(vars(reflow._parse_job_argv(argv)), vars(expected))
+        unusual = [["worker", "--run-id=r", "--task", "t"], ["worker", "--run-id", "r"], [*worker, "--index", "x"],
+                   [*worker, "--index", "-1"], [*worker, "--bogus", "1"], ["dispatch", "--run-id", "r", "--task", "t"],
+                   [*worker, "--index"], [*worker, "--run"]]
+        for argv in unusual:
+            with self.subTest(argv=argv):
+                self.assertIsNone(reflow._parse_job_argv(argv))
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(reflow.Workflow("p").cli(["worker", "--run-id", "r", "--task", "t", "--index", "x"]), 2)
+        self.assertIn("--index: invalid int value: 'x'", err.getvalue())
 
     def test_dataclass_functions_see_dataclasses_before_first_use(self) -> None:
         out = _fresh_python("""
