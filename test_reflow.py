@@ -2288,6 +2288,31 @@ class TestStoreInstances(_StoreTest):
         self.assertEqual([(i["array_index"], i["error_text"]) for i in listed], [(0, "rejected"), (3, "rejected")])
         self.assertEqual(len(self.store.list_task_instances("r1")), 4)
 
+    def test_bulk_insert_keeps_nulls_zeros_and_order(self):
+        self.make_run()
+        rows = [{"array_index": None, "state": "FAILED", "input": {}, "exit_code": 0, "error_text": "",
+                 "job_id": "", "started_at": None},
+                {"array_index": 0, "state": "SUCCESS", "input": {"x": 0}, "output": None, "exit_code": None,
+                 "job_id": "7", "started_at": "2024-01-02T03:04:05+00:00", "reason": "r"},
+                {"array_index": 1, "state": "PENDING", "input": {"x": 1}}]
+        self.store.insert_task_instances("r1", "a", rows)
+        db = sqlite3.connect(str(self.path))
+        try:
+            got = db.execute("SELECT array_index, exit_code, error_text, job_id, output, started_at, finished_at, "
+                             "reason FROM task_instances ORDER BY id").fetchall()
+        finally:
+            db.close()
+        self.assertEqual([g[:6] for g in got], [(None, 0, None, None, None, None),
+                                                (0, None, None, "7", "null", "2024-01-02T03:04:05+00:00"),
+                                                (1, None, None, None, None, None)])
+        self.assertEqual([(g[6] is None, g[7]) for g in got], [(False, ""), (False, "r"), (True, "")])
+        many = [{"array_index": i, "state": "PENDING", "input": {"x": i}} for i in range(200)]  # several statements
+        self.store.insert_task_instances("r1", "b", many)
+        listed = self.store.list_task_instances("r1", "b")
+        self.assertEqual([(i["array_index"], i["input"]) for i in listed], [(i, {"x": i}) for i in range(200)])
+        created = [e["array_index"] for e in self.store.list_events("r1") if e["task_name"] == "b"]
+        self.assertEqual(created, list(range(200)))
+
     def test_outputs_in_index_order_and_satisfaction(self):
         self.make_run()
         self.assertFalse(self.store.dependency_is_satisfied("r1", "b"))  # no instances yet
