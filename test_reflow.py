@@ -2009,7 +2009,8 @@ class TestStoreFiles(_StoreTest):
         conn.execute(f"PRAGMA user_version = {reflow.SCHEMA_VERSION + 1}")
         conn.close()
         for readonly in (False, True):
-            self._assert_refused(path, r"schema version 3, newer than this reflow's 2", readonly)
+            self._assert_refused(path, f"schema version {reflow.SCHEMA_VERSION + 1}, newer than this reflow's "
+                                       f"{reflow.SCHEMA_VERSION}", readonly)
 
     def test_refuses_foreign_sqlite(self):
         path = self.tmp / "foreign.db"
@@ -2102,6 +2103,68 @@ class TestStoreFiles(_StoreTest):
                 conn.close()
                 with reflow.SqliteStore(path, readonly=True) as store:
                     self.assertEqual(store.get_run("old-1")["status"], "SUCCESS")
+
+    def test_new_file_gets_its_schema_with_the_first_write(self):
+        path = self.tmp / "new" / "m.db"
+        store = reflow.SqliteStore(path)
+        store.open()
+        self.assertEqual((path.stat().st_size, stat.S_IMODE(path.stat().st_mode)), (0, 0o600))
+        with self.assertRaisesRegex(reflow.StoreError, "is empty"):
+            reflow.SqliteStore(path, readonly=True).init()
+        statements: List[str] = []
+        store._db.set_trace_callback(statements.append)
+        store.insert_run("r", "wf", "u", {})
+        store.close()
+        first_commit = statements.index("COMMIT")
+        self.assertEqual(statements.count("COMMIT"), 1)  # the schema and the run: one transaction
+        self.assertTrue(any(s.startswith("CREATE TABLE runs") for s in statements[:first_commit]))
+        with reflow.SqliteStore(path, readonly=True) as store:
+            self.assertEqual(store.get_run("r")["graph_name"], "wf")
+
+    def test_schema_of_a_new_file_after_a_rollback_or_for_a_read(self):
+        path = self.tmp / "new" / "m.db"
+        store = reflow.SqliteStore(path)
+        with self.assertRaisesRegex(RuntimeError, "changed my mind"), store.transaction():
+            store.insert_run("r", "wf", "u", {})
+            raise RuntimeError("changed my mind")
+        self.assertEqual(path.stat().st_size, 0)
+        with store.transaction():  # the next write creates the schema again
+            store.insert_run("r", "wf", "u", {})
+        store.close()
+        other = reflow.SqliteStore(self.tmp / "other" / "m.db")
+        self.assertEqual(other.list_runs(), [])  # a read first: the schema is committed on its own
+        self.assertEqual(other.journal_mode, "truncate")
+        other.close()
+        for done in (path, other.path):
+            conn = sqlite3.connect(str(done))
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], reflow.SCHEMA_VERSION)
+            conn.close()
+
+    def test_migrates_version_2_cache_index(self):
+        self.store.insert_run("r1", "wf", "u", {})
+        self.store.insert_run("r2", "wf", "u", {})
+        row = {"array_index": 0, "state": "SUCCESS", "input": {}, "identity": "id0", "input_hash": "h",
+               "output": 5, "output_hash": "o5"}
+        self.store.insert_task_instances("r1", "b", [row])
+        self.store.insert_task_instances("r2", "b", [dict(row, cached=True)])
+        self.store.close()
+        conn = sqlite3.connect(str(self.path))
+        conn.executescript("DROP INDEX idx_instances_source; "  # what version 2 had: every row in the index
+                           "CREATE INDEX idx_instances_cache ON task_instances (task_name, identity, state); "
+                           "UPDATE meta SET value = '2' WHERE key = 'schema_version'; PRAGMA user_version = 2;")
+        conn.close()
+        with reflow.SqliteStore(self.path) as store:
+            self.assertEqual(store.find_cached("b", "id0")["run_id"], "r1")
+            self.assertEqual(store.get_singleton_output("r2", "b"), None)
+            self.assertEqual(store.get_array_outputs("r2", "b"), [5])
+        conn = sqlite3.connect(str(self.path))
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        versions = (conn.execute("PRAGMA user_version").fetchone()[0],
+                    conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        conn.close()
+        self.assertIn("idx_instances_source", indexes)
+        self.assertNotIn("idx_instances_cache", indexes)
+        self.assertEqual(versions, (reflow.SCHEMA_VERSION, str(reflow.SCHEMA_VERSION)))
 
     def test_failed_migration_leaves_file_unchanged(self):
         path = self.tmp / "dup" / "m.db"
@@ -2312,6 +2375,32 @@ class TestStoreInstances(_StoreTest):
         self.assertEqual([(i["array_index"], i["input"]) for i in listed], [(i, {"x": i}) for i in range(200)])
         created = [e["array_index"] for e in self.store.list_events("r1") if e["task_name"] == "b"]
         self.assertEqual(created, list(range(200)))
+
+    def test_cache_hits_are_not_cache_sources(self):
+        for run_id in ("r1", "r2"):
+            self.make_run(run_id)
+        ran = {"array_index": 0, "state": "SUCCESS", "input": {}, "identity": "id0", "input_hash": "h",
+               "output": 5, "output_hash": "o5"}
+        self.store.insert_task_instances("r1", "b", [ran])
+        self.store.insert_task_instances("r2", "b", [dict(ran, cached=True)])  # newer, a copy of r1's
+        source = self.store.get_task_instance("r1", "b", 0)
+        statements: List[str] = []
+        self.store._db.set_trace_callback(statements.append)
+        self.assertEqual(self.store.find_cached("b", "id0")["id"], source["id"])
+        self.store._db.set_trace_callback(None)
+        lookup = next(s for s in statements if s.startswith("SELECT"))
+        plan = " ".join(str(r[-1]) for r in self.store._read("EXPLAIN QUERY PLAN " + lookup))
+        self.assertIn("idx_instances_source", plan)
+        self.store.delete_instances([source["id"]])
+        self.assertIsNone(self.store.find_cached("b", "id0"))  # a copy alone serves no one
+        copy = self.store.get_task_instance("r2", "b", 0)
+        self.store.update_task_failed(copy["id"], "output file gone")
+        self.assertEqual(self.store.retry_instances([copy["id"]]), 1)
+        self.store.mark_submitted([(copy["id"], "j1")])
+        self.store.mark_running([(copy["id"], 1, None)])
+        self.assertEqual(self.store.apply_results([{"instance_id": copy["id"], "attempt": 1, "state": "SUCCESS",
+                                                    "output": 6, "output_hash": "o6"}])[0], 1)
+        self.assertEqual(self.store.find_cached("b", "id0")["output"], 6)  # it ran: now a source
 
     def test_outputs_in_index_order_and_satisfaction(self):
         self.make_run()
@@ -6996,6 +7085,25 @@ class RunLocalTransactionTest(TempDirTest):
         self.assertEqual(len(store.list_runs()), runs)
         again = mod.wf.run_local(self.tmp / "run", store=store, n=3)
         self.assertEqual((again.state, len(store.list_runs())), ("SUCCESS", runs + 1))
+
+    def test_new_store_and_the_run_share_the_first_commit(self) -> None:
+        mod = load_flow(self.tmp, FANOUT)
+        statements: List[str] = []
+        connect = reflow.SqliteStore._connect
+
+        def traced(store: reflow.SqliteStore) -> sqlite3.Connection:
+            conn = connect(store)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        with mock.patch.object(reflow.SqliteStore, "_connect", traced):
+            run = mod.wf.run_local(self.tmp / "run", store=reflow.SqliteStore(self.store_path), n=3)
+        self.assertEqual(run.state, "SUCCESS")
+        commits = [i for i, s in enumerate(statements) if s == "COMMIT"]
+        self.assertEqual(len(commits), 4)  # before prepare, before square, before total, at the end
+        before_prepare = statements[:commits[0]]
+        self.assertTrue(any(s.startswith("CREATE TABLE task_instances") for s in before_prepare))
+        self.assertTrue(any(s.startswith("INSERT INTO task_specs") for s in before_prepare))
 
     def test_inputs_and_outputs_are_stored_as_the_store_encodes_them(self) -> None:
         run = load_flow(self.tmp, TEXTS_FLOW).wf.run_local(self.tmp / "run")
