@@ -479,6 +479,18 @@ class CacheFunctionTest(unittest.TestCase):
         self.assertEqual(reflow.compute_output_hash({"b": 1, "a": [Path("/x")]}),
                          reflow.compute_output_hash({"a": [Path("/x")], "b": 1}))
 
+    def test_compact_json_is_json_dumps(self) -> None:
+        values = [{"x": 5, "a": [1, 2.5, None, True]}, "é\x7f\"\\", 1e300, -0.0, {"z": {"y": [{}], "x": "ü"}}, []]
+        for value in values:
+            with self.subTest(value=value):
+                self.assertEqual(reflow._canonical_json(value),
+                                 json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+                self.assertEqual(reflow._JSON_ENCODE(value), json.dumps(value, sort_keys=True, separators=(",", ":")))
+        with self.assertRaises(ValueError):
+            reflow._canonical_json([float("nan")])
+        with self.assertRaises(TypeError):
+            reflow._JSON_ENCODE({"x": object()})
+
     def test_verify_rules(self) -> None:
         with tempfile.NamedTemporaryFile() as handle:
             present = Path(handle.name)
