@@ -4002,7 +4002,12 @@ def compute_input_hash(task: str, version: str, inputs: Any, params: Optional[Ma
 
 def compute_identity(input_hash: str, upstream_hashes: Iterable[str]) -> str:
     """Combine an input hash with the output hashes of ``after=`` dependencies."""
-    return _hash16(input_hash + "|" + "|".join(sorted(upstream_hashes)))
+    return _hash16(input_hash + _identity_suffix(upstream_hashes))
+
+
+def _identity_suffix(upstream_hashes: Iterable[str]) -> str:
+    """Return what :func:`compute_identity` appends to an input hash before hashing it."""
+    return "|" + "|".join(sorted(upstream_hashes))
 
 
 def compute_output_hash(output: Any) -> str:
@@ -7083,9 +7088,9 @@ def build_kwargs(spec: TaskSpec, run_parameters: Mapping[str, Any], task_input: 
 def _received_params(spec: TaskSpec, run_parameters: Mapping[str, Any]) -> Dict[str, Any]:
     """Return the run parameters that reach a task (part of its cache identity)."""
     kwargs = build_kwargs(spec, run_parameters, {})
-    for param in spec.signature.parameters.values():
-        if spec.is_rundir_param(param):
-            kwargs.pop(param.name, None)
+    for name, is_rundir in spec.call_plan:
+        if is_rundir:
+            kwargs.pop(name, None)
     return kwargs
 
 
@@ -7334,15 +7339,16 @@ class _Planner:
 
     def _rows(self, spec: TaskSpec, payloads: List[Tuple[int, Dict[str, Any]]]) -> List[Dict[str, Any]]:
         """Build PENDING rows with input hash, identity and stored input text for ``(position, payload)`` pairs."""
-        hasher = _InputHasher(spec.name, spec.config.version, _received_params(spec, self.params))
-        after = sorted(h for dep in spec.config.after for h in self.outputs.hashes(dep) if h)
+        hash_text = _InputHasher(spec.name, spec.config.version, _received_params(spec, self.params)).hash_text
+        suffix = _identity_suffix(h for dep in spec.config.after for h in self.outputs.hashes(dep) if h)
+        canonical, array = DEFAULT_CODEC.canonical_dumps, spec.is_array
         rows = []
         for position, payload in payloads:
-            text = DEFAULT_CODEC.canonical_dumps(payload)
-            input_hash = hasher.hash_text(text)
-            rows.append({"array_index": position if spec.is_array else None, "state": _PENDING,
-                         "input": payload, "input_text": _stored_json(text), "input_hash": input_hash,
-                         "identity": compute_identity(input_hash, after)})
+            text = canonical(payload)
+            input_hash = hash_text(text)
+            rows.append({"array_index": position if array else None, "state": _PENDING, "input": payload,
+                         "input_text": _stored_json(text), "input_hash": input_hash,
+                         "identity": _hash16(input_hash + suffix)})  # compute_identity, the suffix made once
         return rows
 
     def _apply_cache(self, spec: TaskSpec, rows: List[Dict[str, Any]]) -> None:

@@ -479,6 +479,13 @@ class CacheFunctionTest(unittest.TestCase):
         self.assertEqual(reflow.compute_output_hash({"b": 1, "a": [Path("/x")]}),
                          reflow.compute_output_hash({"a": [Path("/x")], "b": 1}))
 
+    def test_identities_stay_those_of_earlier_stores(self) -> None:
+        """Hashes recorded by earlier versions must still match (values pinned from reflow.py 9bd6d4f)."""
+        base = reflow.compute_input_hash("square", "1", {"x": 3, "name": "é"}, {"n": 10})
+        self.assertEqual((base, reflow.compute_identity(base, []), reflow.compute_identity(base, ["b2", "a1"])),
+                         ("68b1debd7e7a7a81", "67aca273ebd75f19", "29fd1630b97c8c47"))
+        self.assertEqual(reflow.compute_output_hash({"b": [1.5, None], "a": Path("/x")}), "1fcdaa1bcc3ea013")
+
     def test_compact_json_is_json_dumps(self) -> None:
         values = [{"x": 5, "a": [1, 2.5, None, True]}, "é\x7f\"\\", 1e300, -0.0, {"z": {"y": [{}], "x": "ü"}}, []]
         for value in values:
