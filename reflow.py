@@ -9056,10 +9056,33 @@ def _current_user() -> str:
         return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
 
 
+#: The day and the number behind the hex digits of the last run id made in this process.
+_LAST_RUN_ID = ("", -1)
+_RUN_ID_LOCK = threading.Lock()
+
+
 def make_run_id(workflow_name: str) -> str:
-    """Return a new run id ``<name>-<YYYYMMDD UTC>-<8 hex>``."""
-    day = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d")
-    return f"{workflow_name}-{day}-{_random_hex(8)}"
+    """Return a new run id ``<name>-<YYYYMMDD UTC>-<8 hex>``, later than any made before in this process.
+
+    The first six hex digits count 16,777,216ths of the day (about 5 ms)
+    and the last two are random, so a workflow's runs sort in the order
+    they were created: the rows of a new run are appended at the end of
+    the store's run indexes, which costs a third less than inserting
+    them among an earlier run's (a cached re-run copies a whole task).
+    Ids made elsewhere in the same tick differ by chance (1 in 256); the
+    store refuses a duplicate and run creation picks another id.
+    """
+    global _LAST_RUN_ID
+    now = _dt.datetime.now(_dt.timezone.utc)
+    of_day = now - now.replace(hour=0, minute=0, second=0, microsecond=0)
+    number = (of_day * (1 << 24) // _dt.timedelta(days=1) << 8) + os.urandom(1)[0]
+    day = now.strftime("%Y%m%d")
+    with _RUN_ID_LOCK:
+        last_day, last = _LAST_RUN_ID
+        if day == last_day:
+            number = min(max(number, last + 1), 0xFFFFFFFF)
+        _LAST_RUN_ID = (day, number)
+    return f"{workflow_name}-{day}-{number:08x}"
 
 
 class _LocalRun:

@@ -7124,6 +7124,20 @@ class RunLocalTransactionTest(TempDirTest):
         self.assertTrue(any(s.startswith("CREATE TABLE task_instances") for s in before_prepare))
         self.assertTrue(any(s.startswith("INSERT INTO task_specs") for s in before_prepare))
 
+    def test_run_ids_sort_in_creation_order(self) -> None:
+        ids = [reflow.make_run_id("wf") for _ in range(300)]
+        time.sleep(0.02)
+        ids.append(reflow.make_run_id("wf"))
+        self.assertTrue(all(re.fullmatch(r"wf-\d{8}-[0-9a-f]{8}", run_id) for run_id in ids), ids[:3])
+        self.assertEqual(ids, sorted(set(ids)))  # unique and growing, even within one tick
+        mod = load_flow(self.tmp, FANOUT)
+        store = reflow.SqliteStore(self.store_path)
+        first = mod.wf.run_local(self.tmp / "run", store=store, n=2)
+        with mock.patch.object(reflow, "make_run_id", side_effect=[first.run_id, "fan-20240101-00000001"]):
+            again = mod.wf.run_local(self.tmp / "run", store=store, n=2)
+        self.assertEqual(again.run_id, "fan-20240101-00000001")  # an id another run has is not reused
+        store.close()
+
     def test_inputs_and_outputs_are_stored_as_the_store_encodes_them(self) -> None:
         run = load_flow(self.tmp, TEXTS_FLOW).wf.run_local(self.tmp / "run")
         values = run.store.get_singleton_output(run.run_id, "prepare")
