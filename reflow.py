@@ -2867,6 +2867,10 @@ _INDEXES = (
 #: Indexes of older versions that the current schema replaces (version 2's cache index held every row).
 _OLD_INDEXES = ("idx_instances_cache",)
 
+class _TaskNotWhole(Exception):
+    """Raised inside a transaction to undo the copy of a task not all of whose instances succeeded."""
+
+
 #: Prefix of the ``meta`` keys that map a task's group key (see ``_Planner.group_key``) to a run.
 _GROUP_PREFIX = "group:"
 
@@ -3702,30 +3706,37 @@ class SqliteStore(Store):
 
     def copy_cached_task(self, run_id: str, task: str, key: str) -> Optional[int]:
         """Copy a whole task from the run recorded under ``key``, in SQL (nothing is decoded)."""
-        with self.transaction():
-            found = self._db.execute("SELECT value FROM meta WHERE key = ?", (_GROUP_PREFIX + key,)).fetchone()
-            if found is None or found[0] == run_id:
-                return None
-            source = found[0]
-            width, ok = self._db.execute(
-                "SELECT COUNT(*), IFNULL(SUM(state = 'SUCCESS'), 0) FROM task_instances "
-                "WHERE run_id = ? AND task_name = ?", (source, task)).fetchone()
-            recorded = self._db.execute("SELECT width FROM task_specs WHERE run_id = ? AND task_name = ?",
-                                        (source, task)).fetchone()
-            if not recorded or recorded[0] != width or ok != width:
-                return None
-            now = _utcnow()
-            first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
-            self._db.execute(
-                "INSERT INTO task_instances (run_id, task_name, array_index, state, input, identity, input_hash, "
-                "output, output_hash, cached, reason, finished_at, created_at, updated_at) "
-                "SELECT ?, task_name, array_index, 'SUCCESS', input, identity, input_hash, output, output_hash, 1, "
-                f"'', ?, ?, ? FROM task_instances WHERE run_id = ? AND task_name = ? {_BY_INDEX}",
-                (run_id, now, now, now, source, task))
-            self._db.execute(_EVENT_SELECT.format(at="t.created_at", source="task_instances t WHERE t.id > ? "
-                                                  "ORDER BY t.id", event="'cached'"), (first,))
-            self.set_task_width(run_id, task, width)
-            return width
+        try:
+            with self.transaction():
+                return self._copy_task(run_id, task, key)
+        except _TaskNotWhole:
+            return None  # its copy was rolled back
+
+    def _copy_task(self, run_id: str, task: str, key: str) -> Optional[int]:
+        """Copy the successful instances of the recorded run's task; _TaskNotWhole if that is not all of them."""
+        found = self._db.execute("SELECT value FROM meta WHERE key = ?", (_GROUP_PREFIX + key,)).fetchone()
+        if found is None or found[0] == run_id:
+            return None
+        source = found[0]
+        width, count = self._db.execute(  # the count reads only the index; the copy below counts the successes
+            "SELECT s.width, (SELECT COUNT(*) FROM task_instances WHERE run_id = s.run_id AND task_name = s.task_name) "
+            "FROM task_specs s WHERE s.run_id = ? AND s.task_name = ?", (source, task)).fetchone() or (None, 0)
+        if width is None or width != count:
+            return None
+        now = _utcnow()
+        first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
+        copied = self._db.execute(
+            "INSERT INTO task_instances (run_id, task_name, array_index, state, input, identity, input_hash, "
+            "output, output_hash, cached, reason, finished_at, created_at, updated_at) "
+            "SELECT ?, task_name, array_index, 'SUCCESS', input, identity, input_hash, output, output_hash, 1, "
+            f"'', ?, ?, ? FROM task_instances WHERE run_id = ? AND task_name = ? AND state = 'SUCCESS' {_BY_INDEX}",
+            (run_id, now, now, now, source, task)).rowcount
+        if copied != width:
+            raise _TaskNotWhole(f"{source}: {copied} of {width} instances of {task!r} succeeded")
+        self._db.execute(_EVENT_SELECT.format(at="t.created_at", source="task_instances t WHERE t.id > ? "
+                                              "ORDER BY t.id", event="'cached'"), (first,))
+        self.set_task_width(run_id, task, width)
+        return width
 
     def remember_task(self, run_id: str, task: str, key: str) -> None:
         """Point ``key`` at ``run_id`` (the newest expansion wins)."""

@@ -2421,6 +2421,32 @@ class TestStoreInstances(_StoreTest):
                                                     "output": 6, "output_hash": "o6"}])[0], 1)
         self.assertEqual(self.store.find_cached("b", "id0")["output"], 6)  # it ran: now a source
 
+    def test_copy_cached_task_copies_only_whole_successful_tasks(self):
+        self.make_run("r1")
+        ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
+        self.store.set_task_width("r1", "b", 3)
+        self.store.remember_task("r1", "b", "key")
+        self.make_run("r2")
+        self.assertEqual(self.store.copy_cached_task("r2", "b", "key"), 3)
+        copies = self.store.list_task_instances("r2", "b")
+        self.assertEqual([(i["array_index"], i["state"], i["cached"], i["output"]) for i in copies],
+                         [(k, "SUCCESS", True, 7) for k in range(3)])
+        self.assertEqual([e["event"] for e in self.store.list_events("r2")], ["run_created"] + ["cached"] * 3)
+        self.assertIsNone(self.store.copy_cached_task("r1", "b", "key"))  # not from the run itself
+        self.assertIsNone(self.store.copy_cached_task("r2", "b", "other"))  # no run recorded
+        self.store.update_task_failed(ids[1], "lost")
+        self.make_run("r3")
+        with self.store.transaction():  # a refused copy undoes itself, not the enclosing transaction
+            self.store.set_dispatch_job("r3", "j9")
+            self.assertIsNone(self.store.copy_cached_task("r3", "b", "key"))
+        self.assertEqual((self.store.count_task_instances("r3"), self.store.get_run("r3")["dispatch_job_id"]),
+                         (0, "j9"))
+        self.assertEqual([e["event"] for e in self.store.list_events("r3")], ["run_created", "dispatch_job"])
+        self.store.update_task_success(ids[1], 7, "o7")
+        self.store.set_task_width("r1", "b", 4)  # the recorded width no longer matches the instances
+        self.assertIsNone(self.store.copy_cached_task("r3", "b", "key"))
+        self.assertEqual(self.store.count_task_instances("r3"), 0)
+
     def test_outputs_in_index_order_and_satisfaction(self):
         self.make_run()
         self.assertFalse(self.store.dependency_is_satisfied("r1", "b"))  # no instances yet
