@@ -3295,11 +3295,7 @@ class SqliteStore(Store):
         """Return (user_version, {table: columns}) after checking this is a usable reflow store."""
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables: Dict[str, set] = {}
-            for table, column in conn.execute("SELECT m.name, c.name FROM sqlite_master AS m, "
-                                              "pragma_table_info(m.name) AS c WHERE m.type = 'table'"):
-                if not table.startswith("sqlite_"):
-                    tables.setdefault(table, set()).add(column)
+            tables = self._table_columns(conn, version)
         except sqlite3.DatabaseError as exc:
             if _sqlite_busy(exc):
                 raise  # locked by another process: the caller retries
@@ -3316,6 +3312,25 @@ class SqliteStore(Store):
                 raise self._error(f"is not a reflow store (table {table} lacks {', '.join(missing)}; "
                                   f"tables: {found}); left untouched")
         return version, tables
+
+    @staticmethod
+    def _table_columns(conn: sqlite3.Connection, version: int) -> Dict[str, set]:
+        """Return ``{table: columns}``; for a store of the current version, the table names suffice.
+
+        All the current version's tables standing for the columns spares
+        reading sixty column descriptions at every opening.
+        """
+        names = [name for name, in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                 if not name.startswith("sqlite_")]
+        if version == SCHEMA_VERSION and set(_TABLES) <= set(names):
+            return {name: {column.split()[0] for column in _TABLES[name][0]} if name in _TABLES else set()
+                    for name in names}
+        tables: Dict[str, set] = {name: set() for name in names}
+        for table, column in conn.execute("SELECT m.name, c.name FROM sqlite_master AS m, "
+                                          "pragma_table_info(m.name) AS c WHERE m.type = 'table'"):
+            if table in tables:
+                tables[table].add(column)
+        return tables
 
     def _migrate(self, conn: sqlite3.Connection, tables: Dict[str, set]) -> None:
         """Bring an empty or older file to SCHEMA_VERSION (inside the caller's transaction)."""

@@ -2159,6 +2159,21 @@ class TestStoreFiles(_StoreTest):
             self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], reflow.SCHEMA_VERSION)
             conn.close()
 
+    def test_opening_a_current_store_reads_no_column_lists(self):
+        self.store.close()
+        statements: List[str] = []
+        connect = reflow.SqliteStore._connect
+
+        def traced(store: reflow.SqliteStore) -> sqlite3.Connection:
+            conn = connect(store)
+            conn.set_trace_callback(statements.append)
+            return conn
+
+        with mock.patch.object(reflow.SqliteStore, "_connect", traced), reflow.SqliteStore(self.path) as store:
+            store.init()
+        self.assertIn("PRAGMA user_version", statements)
+        self.assertEqual([s for s in statements if "table_info" in s], [])
+
     def test_migrates_version_2_cache_index(self):
         self.store.insert_run("r1", "wf", "u", {})
         self.store.insert_run("r2", "wf", "u", {})
