@@ -3711,6 +3711,9 @@ class SqliteStore(Store):
 
     def find_cached_many(self, task: str, identities: Iterable[str]) -> Dict[str, Dict[str, Any]]:
         """Return ``{identity: newest SUCCESS row dict that ran}``; only winners get their JSON decoded."""
+        if not self._read("SELECT 1 FROM task_instances WHERE task_name = ? AND state = 'SUCCESS' AND cached = 0 "
+                          "LIMIT 1", (task,)):
+            return {}  # the task never ran here (a new workflow, or the first run of a new store)
         wanted = sorted({identity for identity in identities if identity})
         best: Dict[str, Tuple] = {}
         sql = (f"{_INSTANCE_SELECT} WHERE task_name = ? AND state = 'SUCCESS' AND cached = 0 "

@@ -2436,6 +2436,18 @@ class TestStoreInstances(_StoreTest):
                                                     "output": 6, "output_hash": "o6"}])[0], 1)
         self.assertEqual(self.store.find_cached("b", "id0")["output"], 6)  # it ran: now a source
 
+    def test_cache_look_up_of_a_task_that_never_ran_is_one_probe(self):
+        self.make_run()
+        statements: List[str] = []
+        self.store._db.set_trace_callback(statements.append)
+        self.assertEqual(self.store.find_cached_many("b", [f"id{i}" for i in range(2000)]), {})
+        self.store._db.set_trace_callback(None)
+        self.assertEqual(len(statements), 1)
+        self.assertNotIn(" IN (", statements[0])
+        self.add_array("r1", "b", 3, state="SUCCESS", output=1, output_hash="o")
+        found = self.store.find_cached_many("b", ["b-2", "b-9"] + [f"id{i}" for i in range(2000)])
+        self.assertEqual(list(found), ["b-2"])
+
     def test_copy_cached_task_copies_only_whole_successful_tasks(self):
         self.make_run("r1")
         ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
