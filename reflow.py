@@ -2675,6 +2675,17 @@ class Store(abc.ABC):
     def get_all_output_hashes(self, run_id: str, task: str) -> List[str]:
         """Return the output hashes of a task's instances, in index order."""
 
+    def get_outputs_digest(self, run_id: str, task: str) -> Optional[str]:
+        """Return a hash of a task's ``index:output hash`` pairs in index order; None while one has no hash.
+
+        It stands for a whole upstream task in group keys (``_Planner.group_key``).
+        """
+        pairs = sorted((-1 if inst["array_index"] is None else inst["array_index"], inst["output_hash"])
+                       for inst in self.list_task_instances(run_id, task))
+        if not all(digest for _, digest in pairs):
+            return None
+        return _hash16(",".join(f"{index}:{digest}" for index, digest in pairs))
+
     @abc.abstractmethod
     def dependency_is_satisfied(self, run_id: str, task: str) -> bool:
         """Tell whether a task is done: at least one instance and all SUCCESS, or width 0."""
@@ -3695,6 +3706,13 @@ class SqliteStore(Store):
         rows = self._read(f"SELECT output_hash FROM task_instances WHERE run_id = ? AND task_name = ? {_BY_INDEX}",
                           (run_id, task))
         return [value for value, in rows]
+
+    def get_outputs_digest(self, run_id: str, task: str) -> Optional[str]:
+        """Return the digest of :meth:`Store.get_outputs_digest`, its text joined in SQL (no row reaches Python)."""
+        text, missing = self._read(  # rows come in idx_instances_unique order
+            "SELECT group_concat(IFNULL(array_index, -1) || ':' || output_hash, ','), IFNULL(SUM(output_hash = ''), 0) "
+            "FROM task_instances WHERE run_id = ? AND task_name = ?", (run_id, task))[0]
+        return None if missing else _hash16(text or "")
 
     def dependency_is_satisfied(self, run_id: str, task: str) -> bool:
         """Tell whether a task is done (all of at least one instance SUCCESS, or width 0)."""
@@ -7163,6 +7181,10 @@ class _StoreOutputs:
         """Return the output hashes of a task's instances in index order."""
         return self.store.get_all_output_hashes(self.run_id, task)
 
+    def digest(self, task: str) -> Optional[str]:
+        """Return the digest of a task's outputs (see :meth:`Store.get_outputs_digest`)."""
+        return self.store.get_outputs_digest(self.run_id, task)
+
 
 class _ResultFileOutputs(_StoreOutputs):
     """Upstream outputs for a worker whose inputs were deferred (forward submission).
@@ -7334,16 +7356,16 @@ class _Planner:
 
         Payloads are a pure function of the task, its version, the run
         parameters it receives, the wiring and the upstream outputs, which
-        their output hashes stand for.  None when the cache does not apply.
+        the digests of their output hashes stand for.  None when the cache
+        does not apply.
         """
         if not spec.config.cache or spec.name in self.forced or self.verify:
             return None
-        upstream = {param: [(step, self.modes[(spec.name, param)].value, self.outputs.hashes(step))
+        upstream = {param: [(step, self.modes[(spec.name, param)].value, self.outputs.digest(step))
                             for step in result.steps] for param, result in spec.result_deps.items()}
-        after = {dep: self.outputs.hashes(dep) for dep in spec.config.after}
-        hashes = [h for deps in upstream.values() for _, _, hs in deps for h in hs] + [
-            h for hs in after.values() for h in hs]
-        if not all(hashes):
+        after = {dep: self.outputs.digest(dep) for dep in spec.config.after}
+        digests = [digest for deps in upstream.values() for _, _, digest in deps] + list(after.values())
+        if None in digests:
             return None
         params = _received_params(spec, self.params)
         return _hash16(DEFAULT_CODEC.canonical_dumps([spec.name, str(spec.config.version), spec.is_array, params,

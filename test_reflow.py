@@ -2448,6 +2448,26 @@ class TestStoreInstances(_StoreTest):
         found = self.store.find_cached_many("b", ["b-2", "b-9"] + [f"id{i}" for i in range(2000)])
         self.assertEqual(list(found), ["b-2"])
 
+    def test_outputs_digest_follows_index_order_and_waits_for_every_hash(self):
+        self.make_run()
+        rows = [{"array_index": i, "state": "SUCCESS", "input": {}, "output": i, "output_hash": f"o{i}"}
+                for i in (2, 0, 1)]
+        self.store.insert_task_instances("r1", "b", rows)
+        self.store.insert_task_instances("r1", "a", [{"array_index": None, "state": "SUCCESS", "input": {},
+                                                      "output": 1, "output_hash": "s"}])
+        for task, text in (("b", "0:o0,1:o1,2:o2"), ("a", "-1:s"), ("none", "")):
+            with self.subTest(task=task):
+                digest = self.store.get_outputs_digest("r1", task)
+                self.assertEqual(digest, reflow._hash16(text))
+                self.assertEqual(reflow.Store.get_outputs_digest(self.store, "r1", task), digest)  # the generic one
+        self.make_run("r2")
+        swapped = [dict(row, output_hash=f"o{(row['array_index'] + 1) % 3}") for row in rows]  # same hashes, moved
+        self.store.insert_task_instances("r2", "b", swapped)
+        self.assertNotEqual(self.store.get_outputs_digest("r2", "b"), self.store.get_outputs_digest("r1", "b"))
+        self.add_array("r2", "c", 2)  # PENDING: no output hashes yet
+        self.assertIsNone(self.store.get_outputs_digest("r2", "c"))
+        self.assertIsNone(reflow.Store.get_outputs_digest(self.store, "r2", "c"))
+
     def test_copy_cached_task_copies_only_whole_successful_tasks(self):
         self.make_run("r1")
         ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
