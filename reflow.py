@@ -2915,19 +2915,17 @@ _JOURNAL_SYNC = {"delete": "FULL", "truncate": "FULL", "wal": "NORMAL"}
 _SQLITE_RETRIES = 5
 #: Host parameters per ``IN (...)`` list; SQLite < 3.32 allows at most 999.
 _SQL_CHUNK = 900
-#: Columns of a bulk instance insert given per row (``run_id``, ``task_name``, ``created_at`` and
-#: ``updated_at`` are bound once per statement), and those of them that may be NULL.
+#: Columns of a bulk instance insert that rows give (``run_id``, ``task_name``, ``created_at`` and
+#: ``updated_at`` are the same for all), and those of them that may be NULL.
 _ROW_COLUMNS = ("array_index", "state", "input", "identity", "input_hash", "output", "output_hash", "cached",
                 "error_text", "exit_code", "reason", "job_id", "started_at", "finished_at")
 _NULLABLE_COLUMNS = frozenset({"array_index", "output", "error_text", "exit_code", "job_id", "started_at",
                                "finished_at"})
-#: One row of that insert.  sqlite3 binds None through its adapter look-up (a failed attribute search,
-#: six times the cost of binding an integer): rows carry '' instead, which NULLIF turns into NULL.
-_ROW_MARKS = "(?1, ?2, ?3, ?3, " + ", ".join("NULLIF(?, '')" if column in _NULLABLE_COLUMNS else "?"
-                                              for column in _ROW_COLUMNS) + ")"
-#: Rows per insert statement: within SQLite's 999 host parameters, and about 50 times fewer statement
-#: executions (each opens the table and its indexes and updates the AUTOINCREMENT counter) than one per row.
-_ROWS_PER_INSERT = (999 - 3) // len(_ROW_COLUMNS)
+#: Rows per insert statement.  One execution per row would open the table and its indexes and update
+#: the AUTOINCREMENT counter each time; much longer statements cost more to compile (a 1,000-row task
+#: compiles two: the full one and the rest) than they save.  32 rows bind at most 4 + 32 x 14 values,
+#: within the 999 host parameters of SQLite < 3.32.
+_ROWS_PER_INSERT = 32
 
 _TASK_STATE_NAMES = frozenset(TaskState.__members__)
 _TERMINAL_NAMES = frozenset(state.value for state in TaskState.terminal())
@@ -3829,19 +3827,40 @@ class SqliteStore(Store):
         """Create many instances of one task, ``_ROWS_PER_INSERT`` rows a statement (StoreError on a duplicate)."""
         now = _utcnow()
         values = [self._instance_values(row, now) for row in rows]
-        insert = (f"INSERT INTO task_instances (run_id, task_name, created_at, updated_at, {', '.join(_ROW_COLUMNS)}) "
-                  "VALUES ")
         with self.transaction():
             # AUTOINCREMENT ids only grow and we hold the write lock: ours are those above the old maximum.
             first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
-            for start in range(0, len(values), _ROWS_PER_INSERT):
-                chunk = values[start:start + _ROWS_PER_INSERT]
-                self._db.execute(insert + ", ".join([_ROW_MARKS] * len(chunk)),
-                                 [run_id, task, now, *itertools.chain.from_iterable(chunk)])
+            if values:
+                self._insert_values(run_id, task, now, values)
             source = "task_instances t WHERE t.id > ? ORDER BY t.id"
             self._db.execute(_EVENT_SELECT.format(at="t.created_at", source=source,
                                                   event="CASE WHEN t.cached THEN 'cached' ELSE 'created' END"),
                              (first,))
+
+    def _insert_values(self, run_id: str, task: str, now: str, values: List[Tuple]) -> None:
+        """Insert rows of ``_ROW_COLUMNS`` values, many a statement; a column equal in all rows is bound once.
+
+        Each bound text is copied by SQLite (an allocation under a mutex):
+        a state, a reason, an empty error or the start time shared by a
+        whole batch is bound once per statement instead of once per row.
+        sqlite3 binds None through its adapter look-up (a failed attribute
+        search, six times the cost of binding an integer): rows carry ''
+        instead, which NULLIF turns into NULL.
+        """
+        columns = list(zip(*values))
+        same = [i for i, column in enumerate(columns) if column.count(column[0]) == len(column)]
+        varying = [i for i in range(len(columns)) if i not in same]
+        names = [_ROW_COLUMNS[i] for i in same + varying]
+        marks = [f"?{4 + k}" for k in range(len(same))] + ["?"] * len(varying)
+        row = "(?1, ?2, ?3, ?3, " + ", ".join(f"NULLIF({mark}, '')" if name in _NULLABLE_COLUMNS else mark
+                                               for name, mark in zip(names, marks)) + ")"
+        head = [run_id, task, now, *(columns[i][0] for i in same)]
+        flat = list(itertools.chain.from_iterable(zip(*(columns[i] for i in varying))))
+        insert = f"INSERT INTO task_instances (run_id, task_name, created_at, updated_at, {', '.join(names)}) VALUES "
+        width = len(varying)
+        for start in range(0, len(values), _ROWS_PER_INSERT):
+            count = min(_ROWS_PER_INSERT, len(values) - start)
+            self._db.execute(insert + ", ".join([row] * count), head + flat[start * width:(start + count) * width])
 
     @staticmethod
     def _instance_values(row: Mapping[str, Any], now: str) -> Tuple:

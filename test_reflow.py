@@ -2409,6 +2409,15 @@ class TestStoreInstances(_StoreTest):
         self.assertEqual([(i["array_index"], i["input"]) for i in listed], [(i, {"x": i}) for i in range(200)])
         created = [e["array_index"] for e in self.store.list_events("r1") if e["task_name"] == "b"]
         self.assertEqual(created, list(range(200)))
+        done = [{"array_index": i, "state": "SUCCESS", "input": {}, "output": i, "output_hash": "o", "exit_code": 0,
+                 "started_at": "2024-01-02T03:04:05+00:00"} for i in range(70)]
+        done[40] = dict(done[40], state="FAILED", output=None, output_hash="", exit_code=3, error_text="boom")
+        self.store.insert_task_instances("r1", "c", done)  # columns equal in all rows but one
+        got = {i["array_index"]: i for i in self.store.list_task_instances("r1", "c")}
+        self.assertEqual([(got[k]["state"], got[k]["output"], got[k]["exit_code"], got[k]["error_text"])
+                          for k in (39, 40, 41)],
+                         [("SUCCESS", 39, 0, None), ("FAILED", None, 3, "boom"), ("SUCCESS", 41, 0, None)])
+        self.assertEqual({i["started_at"] for i in got.values()}, {"2024-01-02T03:04:05+00:00"})
 
     def test_cache_hits_are_not_cache_sources(self):
         for run_id in ("r1", "r2"):
