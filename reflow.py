@@ -2878,6 +2878,7 @@ _INDEXES = (
 #: Indexes of older versions that the current schema replaces (version 2's cache index held every row).
 _OLD_INDEXES = ("idx_instances_cache",)
 
+
 class _TaskNotWhole(Exception):
     """Raised inside a transaction to undo the copy of a task not all of whose instances succeeded."""
 
