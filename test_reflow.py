@@ -1873,6 +1873,21 @@ def _snapshot(directory):
     return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
+@contextlib.contextmanager
+def _traced_connections():
+    """Yield a list that collects the SQL of every store connection opened inside the block."""
+    statements: List[str] = []
+    connect = reflow.SqliteStore._connect
+
+    def traced(store: reflow.SqliteStore) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    with mock.patch.object(reflow.SqliteStore, "_connect", traced):
+        yield statements
+
+
 class _StoreTest(unittest.TestCase):
     """A private temp dir and a fresh store in it; no $HOME, no user config."""
 
@@ -2161,15 +2176,7 @@ class TestStoreFiles(_StoreTest):
 
     def test_opening_a_current_store_reads_no_column_lists(self):
         self.store.close()
-        statements: List[str] = []
-        connect = reflow.SqliteStore._connect
-
-        def traced(store: reflow.SqliteStore) -> sqlite3.Connection:
-            conn = connect(store)
-            conn.set_trace_callback(statements.append)
-            return conn
-
-        with mock.patch.object(reflow.SqliteStore, "_connect", traced), reflow.SqliteStore(self.path) as store:
+        with _traced_connections() as statements, reflow.SqliteStore(self.path) as store:
             store.init()
         self.assertIn("PRAGMA user_version", statements)
         self.assertEqual([s for s in statements if "table_info" in s], [])
@@ -7189,15 +7196,7 @@ class RunLocalTransactionTest(TempDirTest):
 
     def test_new_store_and_the_run_share_the_first_commit(self) -> None:
         mod = load_flow(self.tmp, FANOUT)
-        statements: List[str] = []
-        connect = reflow.SqliteStore._connect
-
-        def traced(store: reflow.SqliteStore) -> sqlite3.Connection:
-            conn = connect(store)
-            conn.set_trace_callback(statements.append)
-            return conn
-
-        with mock.patch.object(reflow.SqliteStore, "_connect", traced):
+        with _traced_connections() as statements:
             run = mod.wf.run_local(self.tmp / "run", store=reflow.SqliteStore(self.store_path), n=3)
         self.assertEqual(run.state, "SUCCESS")
         commits = [i for i, s in enumerate(statements) if s == "COMMIT"]
