@@ -3502,14 +3502,19 @@ class SqliteStore(Store):
             rows.extend(self._read(sql.format(into=_in_list(chunk)), [*params, *chunk]))
         return rows
 
-    def _execute(self, sql: str, params: Any = (), many: bool = False) -> sqlite3.Cursor:
-        """Run one write statement inside the current transaction, or in a new one."""
-        with self.transaction():
-            return self._db.executemany(sql, params) if many else self._db.execute(sql, params)
+    def _write(self, sql: str, params: Any = ()) -> int:
+        """Run one write statement in the current transaction, or in a new one; return the rows changed.
 
-    def _write(self, sql: str, params: Any = (), many: bool = False) -> int:
-        """Run one write statement (see :meth:`_execute`); return the number of rows changed."""
-        return self._execute(sql, params, many).rowcount
+        Inside a transaction it takes no savepoint: SQLite undoes a failed
+        statement by itself, leaving the transaction as it was.
+        """
+        if not self._depth:
+            with self.transaction():
+                return self._db.execute(sql, params).rowcount
+        try:
+            return self._db.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
 
     # -- bulk state changes (call inside a transaction) ---------------------------
 

@@ -2647,6 +2647,22 @@ class TestStoreTransactions(_StoreTest):
         self.assertEqual((run["status"], run["dispatch_job_id"]), ("RUNNING", "5"))
         self.assertEqual(self.store.count_task_instances("r1"), 2)
 
+    def test_single_statement_writes_take_no_savepoint(self):
+        self.make_run()
+        with _traced_connections() as statements, reflow.SqliteStore(self.path) as store:
+            with store.transaction():
+                store.set_task_width("r1", "b", 4)
+                store.remember_task("r1", "b", "k")
+                with self.assertRaisesRegex(reflow.StoreError, "NOT NULL"):
+                    store._write("INSERT INTO runs (run_id) VALUES ('broken')")
+                store.set_dispatch_job("r1", "7")
+            self.assertEqual([s for s in statements if "SAVEPOINT" in s or "RELEASE" in s],
+                             ["SAVEPOINT reflow_sp1", "RELEASE reflow_sp1"])  # set_dispatch_job writes two rows
+            self.assertEqual(([s["width"] for s in store.get_task_specs("r1")], store.get_run("r1")["dispatch_job_id"]),
+                             ([None, 4], "7"))
+            store.set_task_width("r1", "a", 1)  # outside a transaction: its own
+            self.assertEqual(statements[-3:], ["BEGIN IMMEDIATE", statements[-2], "COMMIT"])
+
     def test_writes_join_one_transaction(self):
         self.make_run()
         other = reflow.SqliteStore(self.path, readonly=True)
