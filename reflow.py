@@ -9165,9 +9165,9 @@ class _LocalRun:
     """Execute a run in this process (``run_local``), task by task.
 
     Store writes with no task function running between them share one
-    transaction (the run's creation, cache copies, a task's instances with
-    the next task's expansion, the final state): every commit costs several
-    fsyncs.  It is committed before any task function runs, so user code
+    transaction (a new store's schema and the run's creation, cache
+    copies, a task's instances with the next task's expansion, the final
+    state): every commit costs several fsyncs.  It is committed before any task function runs, so user code
     never holds the store's write lock, and what ran is durable before the
     next function starts.
     """
