@@ -7337,8 +7337,11 @@ class _Planner:
                 raise GraphError(f"array task {spec.name!r}: {param!r} has {len(values[param])} elements, "
                                  f"{driver!r} has {width}")
         whole = {p: v for p, v in values.items() if p not in zipped}
-        columns = [(p, values[p]) for p in zipped]
-        return [dict(whole, **{p: column[i] for p, column in columns}) for i in range(width)]
+        payloads = [dict(whole) for _ in range(width)]
+        for param in zipped:  # column by column: no per-element dict of the zipped values to merge
+            for payload, value in zip(payloads, values[param]):
+                payload[param] = value
+        return payloads
 
     def instance_rows(self, spec: TaskSpec) -> List[Dict[str, Any]]:
         """Return instance rows for a task: cache hits as SUCCESS, the rest PENDING."""
