@@ -3832,19 +3832,19 @@ class SqliteStore(Store):
     def insert_task_instances(self, run_id: str, task: str, rows: Iterable[Mapping[str, Any]]) -> None:
         """Create many instances of one task, ``_ROWS_PER_INSERT`` rows a statement (StoreError on a duplicate)."""
         now = _utcnow()
-        values = [self._instance_values(row, now) for row in rows]
+        columns = list(zip(*[self._instance_values(row, now) for row in rows]))  # the row tuples die here
         with self.transaction():
             # AUTOINCREMENT ids only grow and we hold the write lock: ours are those above the old maximum.
             first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
-            if values:
-                self._insert_values(run_id, task, now, values)
+            if columns:
+                self._insert_columns(run_id, task, now, columns)
             source = "task_instances t WHERE t.id > ? ORDER BY t.id"
             self._db.execute(_EVENT_SELECT.format(at="t.created_at", source=source,
                                                   event="CASE WHEN t.cached THEN 'cached' ELSE 'created' END"),
                              (first,))
 
-    def _insert_values(self, run_id: str, task: str, now: str, values: List[Tuple]) -> None:
-        """Insert rows of ``_ROW_COLUMNS`` values, many a statement; a column equal in all rows is bound once.
+    def _insert_columns(self, run_id: str, task: str, now: str, columns: List[Tuple]) -> None:
+        """Insert rows given as ``_ROW_COLUMNS`` columns, many a statement; a column equal in all rows is bound once.
 
         Each bound text is copied by SQLite (an allocation under a mutex):
         a state, a reason, an empty error or the start time shared by a
@@ -3853,7 +3853,6 @@ class SqliteStore(Store):
         search, six times the cost of binding an integer): rows carry ''
         instead, which NULLIF turns into NULL.
         """
-        columns = list(zip(*values))
         same = [i for i, column in enumerate(columns) if column.count(column[0]) == len(column)]
         varying = [i for i in range(len(columns)) if i not in same]
         names = [_ROW_COLUMNS[i] for i in same + varying]
@@ -3861,12 +3860,12 @@ class SqliteStore(Store):
         row = "(?1, ?2, ?3, ?3, " + ", ".join(f"NULLIF({mark}, '')" if name in _NULLABLE_COLUMNS else mark
                                                for name, mark in zip(names, marks)) + ")"
         head = [run_id, task, now, *(columns[i][0] for i in same)]
-        flat = list(itertools.chain.from_iterable(zip(*(columns[i] for i in varying))))
         insert = f"INSERT INTO task_instances (run_id, task_name, created_at, updated_at, {', '.join(names)}) VALUES "
-        width = len(varying)
-        for start in range(0, len(values), _ROWS_PER_INSERT):
-            count = min(_ROWS_PER_INSERT, len(values) - start)
-            self._db.execute(insert + ", ".join([row] * count), head + flat[start * width:(start + count) * width])
+        rows = len(columns[0])
+        for start in range(0, rows, _ROWS_PER_INSERT):
+            end = min(start + _ROWS_PER_INSERT, rows)
+            values = itertools.chain.from_iterable(zip(*(columns[i][start:end] for i in varying)))
+            self._db.execute(insert + ", ".join([row] * (end - start)), [*head, *values])
 
     @staticmethod
     def _instance_values(row: Mapping[str, Any], now: str) -> Tuple:
