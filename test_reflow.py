@@ -479,6 +479,25 @@ class CacheFunctionTest(unittest.TestCase):
         self.assertEqual(reflow.compute_output_hash({"b": 1, "a": [Path("/x")]}),
                          reflow.compute_output_hash({"a": [Path("/x")], "b": 1}))
 
+    def test_identities_stay_those_of_earlier_stores(self) -> None:
+        """Hashes recorded by earlier versions must still match (values pinned from reflow.py 9bd6d4f)."""
+        base = reflow.compute_input_hash("square", "1", {"x": 3, "name": "é"}, {"n": 10})
+        self.assertEqual((base, reflow.compute_identity(base, []), reflow.compute_identity(base, ["b2", "a1"])),
+                         ("68b1debd7e7a7a81", "67aca273ebd75f19", "29fd1630b97c8c47"))
+        self.assertEqual(reflow.compute_output_hash({"b": [1.5, None], "a": Path("/x")}), "1fcdaa1bcc3ea013")
+
+    def test_compact_json_is_json_dumps(self) -> None:
+        values = [{"x": 5, "a": [1, 2.5, None, True]}, "é\x7f\"\\", 1e300, -0.0, {"z": {"y": [{}], "x": "ü"}}, []]
+        for value in values:
+            with self.subTest(value=value):
+                self.assertEqual(reflow._canonical_json(value),
+                                 json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+                self.assertEqual(reflow._JSON_ENCODE(value), json.dumps(value, sort_keys=True, separators=(",", ":")))
+        with self.assertRaises(ValueError):
+            reflow._canonical_json([float("nan")])
+        with self.assertRaises(TypeError):
+            reflow._JSON_ENCODE({"x": object()})
+
     def test_verify_rules(self) -> None:
         with tempfile.NamedTemporaryFile() as handle:
             present = Path(handle.name)
@@ -1854,6 +1873,21 @@ def _snapshot(directory):
     return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
+@contextlib.contextmanager
+def _traced_connections():
+    """Yield a list that collects the SQL of every store connection opened inside the block."""
+    statements: List[str] = []
+    connect = reflow.SqliteStore._connect
+
+    def traced(store: reflow.SqliteStore) -> sqlite3.Connection:
+        conn = connect(store)
+        conn.set_trace_callback(statements.append)
+        return conn
+
+    with mock.patch.object(reflow.SqliteStore, "_connect", traced):
+        yield statements
+
+
 class _StoreTest(unittest.TestCase):
     """A private temp dir and a fresh store in it; no $HOME, no user config."""
 
@@ -2009,7 +2043,8 @@ class TestStoreFiles(_StoreTest):
         conn.execute(f"PRAGMA user_version = {reflow.SCHEMA_VERSION + 1}")
         conn.close()
         for readonly in (False, True):
-            self._assert_refused(path, r"schema version 3, newer than this reflow's 2", readonly)
+            self._assert_refused(path, f"schema version {reflow.SCHEMA_VERSION + 1}, newer than this reflow's "
+                                       f"{reflow.SCHEMA_VERSION}", readonly)
 
     def test_refuses_foreign_sqlite(self):
         path = self.tmp / "foreign.db"
@@ -2102,6 +2137,75 @@ class TestStoreFiles(_StoreTest):
                 conn.close()
                 with reflow.SqliteStore(path, readonly=True) as store:
                     self.assertEqual(store.get_run("old-1")["status"], "SUCCESS")
+
+    def test_new_file_gets_its_schema_with_the_first_write(self):
+        path = self.tmp / "new" / "m.db"
+        store = reflow.SqliteStore(path)
+        store.open()
+        self.assertEqual((path.stat().st_size, stat.S_IMODE(path.stat().st_mode)), (0, 0o600))
+        with self.assertRaisesRegex(reflow.StoreError, "is empty"):
+            reflow.SqliteStore(path, readonly=True).init()
+        statements: List[str] = []
+        store._db.set_trace_callback(statements.append)
+        store.insert_run("r", "wf", "u", {})
+        store.close()
+        first_commit = statements.index("COMMIT")
+        self.assertEqual(statements.count("COMMIT"), 1)  # the schema and the run: one transaction
+        self.assertTrue(any(s.startswith("CREATE TABLE runs") for s in statements[:first_commit]))
+        with reflow.SqliteStore(path, readonly=True) as store:
+            self.assertEqual(store.get_run("r")["graph_name"], "wf")
+
+    def test_schema_of_a_new_file_after_a_rollback_or_for_a_read(self):
+        path = self.tmp / "new" / "m.db"
+        store = reflow.SqliteStore(path)
+        with self.assertRaisesRegex(RuntimeError, "changed my mind"), store.transaction():
+            store.insert_run("r", "wf", "u", {})
+            raise RuntimeError("changed my mind")
+        self.assertEqual(path.stat().st_size, 0)
+        with store.transaction():  # the next write creates the schema again
+            store.insert_run("r", "wf", "u", {})
+        store.close()
+        other = reflow.SqliteStore(self.tmp / "other" / "m.db")
+        self.assertEqual(other.list_runs(), [])  # a read first: the schema is committed on its own
+        self.assertEqual(other.journal_mode, "truncate")
+        other.close()
+        for done in (path, other.path):
+            conn = sqlite3.connect(str(done))
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], reflow.SCHEMA_VERSION)
+            conn.close()
+
+    def test_opening_a_current_store_reads_no_column_lists(self):
+        self.store.close()
+        with _traced_connections() as statements, reflow.SqliteStore(self.path) as store:
+            store.init()
+        self.assertIn("PRAGMA user_version", statements)
+        self.assertEqual([s for s in statements if "table_info" in s], [])
+
+    def test_migrates_version_2_cache_index(self):
+        self.store.insert_run("r1", "wf", "u", {})
+        self.store.insert_run("r2", "wf", "u", {})
+        row = {"array_index": 0, "state": "SUCCESS", "input": {}, "identity": "id0", "input_hash": "h",
+               "output": 5, "output_hash": "o5"}
+        self.store.insert_task_instances("r1", "b", [row])
+        self.store.insert_task_instances("r2", "b", [dict(row, cached=True)])
+        self.store.close()
+        conn = sqlite3.connect(str(self.path))
+        conn.executescript("DROP INDEX idx_instances_source; "  # what version 2 had: every row in the index
+                           "CREATE INDEX idx_instances_cache ON task_instances (task_name, identity, state); "
+                           "UPDATE meta SET value = '2' WHERE key = 'schema_version'; PRAGMA user_version = 2;")
+        conn.close()
+        with reflow.SqliteStore(self.path) as store:
+            self.assertEqual(store.find_cached("b", "id0")["run_id"], "r1")
+            self.assertEqual(store.get_singleton_output("r2", "b"), None)
+            self.assertEqual(store.get_array_outputs("r2", "b"), [5])
+        conn = sqlite3.connect(str(self.path))
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        versions = (conn.execute("PRAGMA user_version").fetchone()[0],
+                    conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+        conn.close()
+        self.assertIn("idx_instances_source", indexes)
+        self.assertNotIn("idx_instances_cache", indexes)
+        self.assertEqual(versions, (reflow.SCHEMA_VERSION, str(reflow.SCHEMA_VERSION)))
 
     def test_failed_migration_leaves_file_unchanged(self):
         path = self.tmp / "dup" / "m.db"
@@ -2288,6 +2392,124 @@ class TestStoreInstances(_StoreTest):
         self.assertEqual([(i["array_index"], i["error_text"]) for i in listed], [(0, "rejected"), (3, "rejected")])
         self.assertEqual(len(self.store.list_task_instances("r1")), 4)
 
+    def test_bulk_insert_keeps_nulls_zeros_and_order(self):
+        self.make_run()
+        rows = [{"array_index": None, "state": "FAILED", "input": {}, "exit_code": 0, "error_text": "",
+                 "job_id": "", "started_at": None},
+                {"array_index": 0, "state": "SUCCESS", "input": {"x": 0}, "output": None, "exit_code": None,
+                 "job_id": "7", "started_at": "2024-01-02T03:04:05+00:00", "reason": "r"},
+                {"array_index": 1, "state": "PENDING", "input": {"x": 1}}]
+        self.store.insert_task_instances("r1", "a", rows)
+        db = sqlite3.connect(str(self.path))
+        try:
+            got = db.execute("SELECT array_index, exit_code, error_text, job_id, output, started_at, finished_at, "
+                             "reason FROM task_instances ORDER BY id").fetchall()
+        finally:
+            db.close()
+        self.assertEqual([g[:6] for g in got], [(None, 0, None, None, None, None),
+                                                (0, None, None, "7", "null", "2024-01-02T03:04:05+00:00"),
+                                                (1, None, None, None, None, None)])
+        self.assertEqual([(g[6] is None, g[7]) for g in got], [(False, ""), (False, "r"), (True, "")])
+        many = [{"array_index": i, "state": "PENDING", "input": {"x": i}} for i in range(200)]  # several statements
+        self.store.insert_task_instances("r1", "b", many)
+        listed = self.store.list_task_instances("r1", "b")
+        self.assertEqual([(i["array_index"], i["input"]) for i in listed], [(i, {"x": i}) for i in range(200)])
+        created = [e["array_index"] for e in self.store.list_events("r1") if e["task_name"] == "b"]
+        self.assertEqual(created, list(range(200)))
+        done = [{"array_index": i, "state": "SUCCESS", "input": {}, "output": i, "output_hash": "o", "exit_code": 0,
+                 "started_at": "2024-01-02T03:04:05+00:00"} for i in range(70)]
+        done[40] = dict(done[40], state="FAILED", output=None, output_hash="", exit_code=3, error_text="boom")
+        self.store.insert_task_instances("r1", "c", done)  # columns equal in all rows but one
+        got = {i["array_index"]: i for i in self.store.list_task_instances("r1", "c")}
+        self.assertEqual([(got[k]["state"], got[k]["output"], got[k]["exit_code"], got[k]["error_text"])
+                          for k in (39, 40, 41)],
+                         [("SUCCESS", 39, 0, None), ("FAILED", None, 3, "boom"), ("SUCCESS", 41, 0, None)])
+        self.assertEqual({i["started_at"] for i in got.values()}, {"2024-01-02T03:04:05+00:00"})
+
+    def test_cache_hits_are_not_cache_sources(self):
+        for run_id in ("r1", "r2"):
+            self.make_run(run_id)
+        ran = {"array_index": 0, "state": "SUCCESS", "input": {}, "identity": "id0", "input_hash": "h",
+               "output": 5, "output_hash": "o5"}
+        self.store.insert_task_instances("r1", "b", [ran])
+        self.store.insert_task_instances("r2", "b", [dict(ran, cached=True)])  # newer, a copy of r1's
+        source = self.store.get_task_instance("r1", "b", 0)
+        statements: List[str] = []
+        self.store._db.set_trace_callback(statements.append)
+        self.assertEqual(self.store.find_cached("b", "id0")["id"], source["id"])
+        self.store._db.set_trace_callback(None)
+        lookup = next(s for s in statements if s.startswith("SELECT"))
+        plan = " ".join(str(r[-1]) for r in self.store._read("EXPLAIN QUERY PLAN " + lookup))
+        self.assertIn("idx_instances_source", plan)
+        self.store.delete_instances([source["id"]])
+        self.assertIsNone(self.store.find_cached("b", "id0"))  # a copy alone serves no one
+        copy = self.store.get_task_instance("r2", "b", 0)
+        self.store.update_task_failed(copy["id"], "output file gone")
+        self.assertEqual(self.store.retry_instances([copy["id"]]), 1)
+        self.store.mark_submitted([(copy["id"], "j1")])
+        self.store.mark_running([(copy["id"], 1, None)])
+        self.assertEqual(self.store.apply_results([{"instance_id": copy["id"], "attempt": 1, "state": "SUCCESS",
+                                                    "output": 6, "output_hash": "o6"}])[0], 1)
+        self.assertEqual(self.store.find_cached("b", "id0")["output"], 6)  # it ran: now a source
+
+    def test_cache_look_up_of_a_task_that_never_ran_is_one_probe(self):
+        self.make_run()
+        statements: List[str] = []
+        self.store._db.set_trace_callback(statements.append)
+        self.assertEqual(self.store.find_cached_many("b", [f"id{i}" for i in range(2000)]), {})
+        self.store._db.set_trace_callback(None)
+        self.assertEqual(len(statements), 1)
+        self.assertNotIn(" IN (", statements[0])
+        self.add_array("r1", "b", 3, state="SUCCESS", output=1, output_hash="o")
+        found = self.store.find_cached_many("b", ["b-2", "b-9"] + [f"id{i}" for i in range(2000)])
+        self.assertEqual(list(found), ["b-2"])
+
+    def test_outputs_digest_follows_index_order_and_waits_for_every_hash(self):
+        self.make_run()
+        rows = [{"array_index": i, "state": "SUCCESS", "input": {}, "output": i, "output_hash": f"o{i}"}
+                for i in (2, 0, 1)]
+        self.store.insert_task_instances("r1", "b", rows)
+        self.store.insert_task_instances("r1", "a", [{"array_index": None, "state": "SUCCESS", "input": {},
+                                                      "output": 1, "output_hash": "s"}])
+        for task, text in (("b", "0:o0,1:o1,2:o2"), ("a", "-1:s"), ("none", "")):
+            with self.subTest(task=task):
+                digest = self.store.get_outputs_digest("r1", task)
+                self.assertEqual(digest, reflow._hash16(text))
+                self.assertEqual(reflow.Store.get_outputs_digest(self.store, "r1", task), digest)  # the generic one
+        self.make_run("r2")
+        swapped = [dict(row, output_hash=f"o{(row['array_index'] + 1) % 3}") for row in rows]  # same hashes, moved
+        self.store.insert_task_instances("r2", "b", swapped)
+        self.assertNotEqual(self.store.get_outputs_digest("r2", "b"), self.store.get_outputs_digest("r1", "b"))
+        self.add_array("r2", "c", 2)  # PENDING: no output hashes yet
+        self.assertIsNone(self.store.get_outputs_digest("r2", "c"))
+        self.assertIsNone(reflow.Store.get_outputs_digest(self.store, "r2", "c"))
+
+    def test_copy_cached_task_copies_only_whole_successful_tasks(self):
+        self.make_run("r1")
+        ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
+        self.store.set_task_width("r1", "b", 3)
+        self.store.remember_task("r1", "b", "key")
+        self.make_run("r2")
+        self.assertEqual(self.store.copy_cached_task("r2", "b", "key"), 3)
+        copies = self.store.list_task_instances("r2", "b")
+        self.assertEqual([(i["array_index"], i["state"], i["cached"], i["output"]) for i in copies],
+                         [(k, "SUCCESS", True, 7) for k in range(3)])
+        self.assertEqual([e["event"] for e in self.store.list_events("r2")], ["run_created"] + ["cached"] * 3)
+        self.assertIsNone(self.store.copy_cached_task("r1", "b", "key"))  # not from the run itself
+        self.assertIsNone(self.store.copy_cached_task("r2", "b", "other"))  # no run recorded
+        self.store.update_task_failed(ids[1], "lost")
+        self.make_run("r3")
+        with self.store.transaction():  # a refused copy undoes itself, not the enclosing transaction
+            self.store.set_dispatch_job("r3", "j9")
+            self.assertIsNone(self.store.copy_cached_task("r3", "b", "key"))
+        self.assertEqual((self.store.count_task_instances("r3"), self.store.get_run("r3")["dispatch_job_id"]),
+                         (0, "j9"))
+        self.assertEqual([e["event"] for e in self.store.list_events("r3")], ["run_created", "dispatch_job"])
+        self.store.update_task_success(ids[1], 7, "o7")
+        self.store.set_task_width("r1", "b", 4)  # the recorded width no longer matches the instances
+        self.assertIsNone(self.store.copy_cached_task("r3", "b", "key"))
+        self.assertEqual(self.store.count_task_instances("r3"), 0)
+
     def test_outputs_in_index_order_and_satisfaction(self):
         self.make_run()
         self.assertFalse(self.store.dependency_is_satisfied("r1", "b"))  # no instances yet
@@ -2424,6 +2646,22 @@ class TestStoreTransactions(_StoreTest):
         run = self.store.get_run("r1")
         self.assertEqual((run["status"], run["dispatch_job_id"]), ("RUNNING", "5"))
         self.assertEqual(self.store.count_task_instances("r1"), 2)
+
+    def test_single_statement_writes_take_no_savepoint(self):
+        self.make_run()
+        with _traced_connections() as statements, reflow.SqliteStore(self.path) as store:
+            with store.transaction():
+                store.set_task_width("r1", "b", 4)
+                store.remember_task("r1", "b", "k")
+                with self.assertRaisesRegex(reflow.StoreError, "NOT NULL"):
+                    store._write("INSERT INTO runs (run_id) VALUES ('broken')")
+                store.set_dispatch_job("r1", "7")
+            self.assertEqual([s for s in statements if "SAVEPOINT" in s or "RELEASE" in s],
+                             ["SAVEPOINT reflow_sp1", "RELEASE reflow_sp1"])  # set_dispatch_job writes two rows
+            self.assertEqual(([s["width"] for s in store.get_task_specs("r1")], store.get_run("r1")["dispatch_job_id"]),
+                             ([None, 4], "7"))
+            store.set_task_width("r1", "a", 1)  # outside a transaction: its own
+            self.assertEqual(statements[-3:], ["BEGIN IMMEDIATE", statements[-2], "COMMIT"])
 
     def test_writes_join_one_transaction(self):
         self.make_run()
@@ -7143,6 +7381,31 @@ class RunLocalTransactionTest(TempDirTest):
         self.assertEqual(len(store.list_runs()), runs)
         again = mod.wf.run_local(self.tmp / "run", store=store, n=3)
         self.assertEqual((again.state, len(store.list_runs())), ("SUCCESS", runs + 1))
+
+    def test_new_store_and_the_run_share_the_first_commit(self) -> None:
+        mod = load_flow(self.tmp, FANOUT)
+        with _traced_connections() as statements:
+            run = mod.wf.run_local(self.tmp / "run", store=reflow.SqliteStore(self.store_path), n=3)
+        self.assertEqual(run.state, "SUCCESS")
+        commits = [i for i, s in enumerate(statements) if s == "COMMIT"]
+        self.assertEqual(len(commits), 4)  # before prepare, before square, before total, at the end
+        before_prepare = statements[:commits[0]]
+        self.assertTrue(any(s.startswith("CREATE TABLE task_instances") for s in before_prepare))
+        self.assertTrue(any(s.startswith("INSERT INTO task_specs") for s in before_prepare))
+
+    def test_run_ids_sort_in_creation_order(self) -> None:
+        ids = [reflow.make_run_id("wf") for _ in range(300)]
+        time.sleep(0.02)
+        ids.append(reflow.make_run_id("wf"))
+        self.assertTrue(all(re.fullmatch(r"wf-\d{8}-[0-9a-f]{8}", run_id) for run_id in ids), ids[:3])
+        self.assertEqual(ids, sorted(set(ids)))  # unique and growing, even within one tick
+        mod = load_flow(self.tmp, FANOUT)
+        store = reflow.SqliteStore(self.store_path)
+        first = mod.wf.run_local(self.tmp / "run", store=store, n=2)
+        with mock.patch.object(reflow, "make_run_id", side_effect=[first.run_id, "fan-20240101-00000001"]):
+            again = mod.wf.run_local(self.tmp / "run", store=store, n=2)
+        self.assertEqual(again.run_id, "fan-20240101-00000001")  # an id another run has is not reused
+        store.close()
 
     def test_inputs_and_outputs_are_stored_as_the_store_encodes_them(self) -> None:
         run = load_flow(self.tmp, TEXTS_FLOW).wf.run_local(self.tmp / "run")
