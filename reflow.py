@@ -6317,7 +6317,11 @@ class _ForkedElement:
         return self.returncode
 
     def _reap(self, flags: int) -> None:
-        pid, status = os.waitpid(self.pid, flags)
+        try:
+            pid, status = os.waitpid(self.pid, flags)
+        except ChildProcessError:  # SIGCHLD ignored (inherited): reaped unseen; Popen says 0 then too
+            self.returncode = 0
+            return
         if pid:
             self.returncode = os.waitstatus_to_exitcode(status)
 
@@ -6373,11 +6377,13 @@ class _ElementForker:
             self.warm()
             if atexit._ncallbacks() != self.fresh_atexit:  # a handler of the runner's own would run in elements
                 refusal = "the runner registered atexit handlers"
+            elif _thread_count() > 1:  # a fork copies only the calling thread: locks others hold stay held
+                refusal = "the runner runs threads"
         return refusal
 
     def _refusal(self, command: Sequence[str], job_env: Mapping[str, str], workdir: str) -> str:
         """Return why forking would not start ``command`` as a fresh interpreter would; "" when it would."""
-        if os.environ.get("REFLOW_LOCAL_FORK", job_env.get("REFLOW_LOCAL_FORK", "1")) in ("0", "no", "false"):
+        if job_env.get("REFLOW_LOCAL_FORK", os.environ.get("REFLOW_LOCAL_FORK", "1")) in ("0", "no", "false"):
             return "REFLOW_LOCAL_FORK is off"
         if not (hasattr(os, "fork") and self.fresh_mask is not None and self.fresh_atexit >= 0
                 and hasattr(atexit, "_run_exitfuncs")):
@@ -6387,6 +6393,8 @@ class _ElementForker:
         startup = sorted(name for name in job_env if name.startswith(_STARTUP_ENV_PREFIXES))
         if startup or "PYTHONINSPECT" in os.environ:
             return f"the job sets {(startup or ['PYTHONINSPECT'])[0]}"
+        if workdir and not os.path.isdir(workdir):
+            return f"no directory {workdir}"
         return self._module_refusal(command[1], workdir or os.getcwd())
 
     @staticmethod
@@ -6456,6 +6464,14 @@ class _ElementForker:
                 traceback.print_exc()
         finally:
             os._exit(code)
+
+
+def _thread_count() -> int:
+    """Count this process's threads (also those ``threading`` does not know of, where /proc tells)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
 
 
 def _script_sys_path(script: str) -> List[str]:

@@ -7322,6 +7322,29 @@ class LocalForkTest(TempDirTest):
                 self.assertEqual(out[-1], f"{options.get('python', sys.executable)} "
                                           f"{other / 'reflow.py' if 'script_dir' in options else reflow.__file__}")
 
+    SITECUSTOMIZE = """
+import atexit, os, threading, time
+atexit.register(lambda: open(os.environ["EXITS"], "a").write(f"{os.getpid()}\\n"))
+if os.environ.get("START_THREAD"):
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+"""
+
+    def test_interpreter_start_up_hooks_are_kept_and_runner_threads_prevent_forking(self) -> None:
+        site = self.tmp / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(self.SITECUSTOMIZE)
+        exits = self.tmp / "exits"
+        pythonpath = os.pathsep.join([str(site), os.environ["PYTHONPATH"]])
+        for threads in (False, True):
+            with self.subTest(threads=threads), mock_env(PYTHONPATH=pythonpath, EXITS=str(exits),
+                                                         START_THREAD="1" if threads else None):
+                job = self.run_job("import os\nprint(os.getpid())\n")
+                expected = "exec: the runner runs threads" if threads else "fork"
+                self.assertEqual((self.executor.job_state(job), self.start_mode(job)), ("COMPLETED", expected))
+                pids = {self.logs(job, index)[0].strip() for index in (0, 1)}
+                self.assertLessEqual(pids, set(exits.read_text().split()))  # each element ran its atexit hook
+                exits.unlink()
+
     def test_the_runner_ignores_modules_in_its_cwd(self) -> None:
         stray = self.tmp / "stray"
         stray.mkdir()
