@@ -6407,8 +6407,9 @@ class _ElementForker:
     @staticmethod
     def _module_refusal(script: str, cwd: str) -> str:
         """Say why the script would not see this interpreter's ``sys.path`` and ``reflow`` module, or ""."""
-        relative = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if not os.path.isabs(entry)]
-        if "PYTHONPATH" in os.environ and relative and not os.path.samefile(cwd, os.getcwd()):
+        pythonpath = os.environ.get("PYTHONPATH", "")  # empty counts as unset
+        relative = [entry for entry in pythonpath.split(os.pathsep) if pythonpath and not os.path.isabs(entry)]
+        if relative and not os.path.samefile(cwd, os.getcwd()):  # the interpreter resolves them in its start cwd
             return "PYTHONPATH has relative entries and the job runs in another directory"
         script = os.path.join(cwd, script)
         loaded = getattr(sys.modules.get("reflow"), "__file__", None)

@@ -7307,12 +7307,14 @@ class LocalForkTest(TempDirTest):
         other = self.tmp / "other"
         other.mkdir()
         (other / "reflow.py").write_text("print('the script directory has its own reflow')\n")
-        cases = [("another python", {"python": str(python)}, "not '"),
-                 ("job sets PYTHONHASHSEED", {"env": {"PYTHONHASHSEED": "7"}}, "the job sets PYTHONHASHSEED"),
-                 ("opted out", {"fork": False}, "REFLOW_LOCAL_FORK is off"),
-                 ("another reflow", {"script_dir": other}, f"would import reflow from {other / 'reflow.py'}")]
-        for name, options, reason in cases:
-            with self.subTest(name):
+        relative_path = os.pathsep.join(["not-absolute", os.environ["PYTHONPATH"]])  # resolved in the start cwd
+        cases = [("another python", {"python": str(python)}, {}, "not '"),
+                 ("job sets PYTHONHASHSEED", {"env": {"PYTHONHASHSEED": "7"}}, {}, "the job sets PYTHONHASHSEED"),
+                 ("opted out", {"fork": False}, {}, "REFLOW_LOCAL_FORK is off"),
+                 ("another reflow", {"script_dir": other}, {}, f"would import reflow from {other / 'reflow.py'}"),
+                 ("relative PYTHONPATH", {}, {"PYTHONPATH": relative_path}, "PYTHONPATH has relative entries")]
+        for name, options, environ, reason in cases:
+            with self.subTest(name), mock_env(**environ):
                 job = self.run_job("import reflow, sys\nprint(sys.executable, reflow.__file__)\n", array=None,
                                    **options)
                 self.assertIn(reason, self.start_mode(job))
