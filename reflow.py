@@ -6533,14 +6533,15 @@ def _run_as_script(argv: Sequence[str]) -> int:
     sys.path[:] = _script_sys_path(argv[0])
     importlib.invalidate_caches()  # directory listings cached by the runner may be stale
     interrupted = False
+    script = os.path.abspath(argv[0])
     try:
-        _exec_as_main(os.path.abspath(argv[0]))
+        _exec_as_main(script)
         code = 0
     except SystemExit as exc:
         code = _system_exit_status(exc.code)
     except BaseException as exc:
         interrupted = isinstance(exc, KeyboardInterrupt)
-        exc = exc.with_traceback(_script_frames(exc.__traceback__))  # the hook may print exc.__traceback__
+        exc = exc.with_traceback(_script_frames(exc.__traceback__, script))  # the hook may print exc.__traceback__
         sys.excepthook(type(exc), exc, exc.__traceback__)
         code = 1
     code = _shut_down_like_python(code)
@@ -6551,23 +6552,28 @@ def _run_as_script(argv: Sequence[str]) -> int:
     return code
 
 
-def _script_frames(trace: Any) -> Any:
-    """Drop the frames of _run_as_script and _exec_as_main: the traceback starts in the script, as it would."""
-    for _ in range(2):
-        trace = trace.tb_next if trace is not None else None
+def _script_frames(trace: Any, script: str) -> Any:
+    """Drop the frames before the script's own (this file's, importlib's): the traceback starts in the script."""
+    while trace is not None and trace.tb_frame.f_code.co_filename != script:
+        trace = trace.tb_next
     return trace
+
+
+class _ScriptLoader(importlib.machinery.SourceFileLoader):
+    """Load a script as ``python script.py`` does: compiled from its source, no bytecode cache read or written."""
+
+    def get_code(self, fullname: str) -> Any:
+        """Compile the script (under its own ``from __future__`` imports only, not this file's)."""
+        return self.source_to_code(self.get_data(self.path), self.path)
 
 
 def _exec_as_main(path: str) -> None:
     """Execute the file at ``path`` as a new ``__main__`` module with the attributes ``python path`` gives it."""
-    with open(path, "rb") as handle:
-        source = handle.read()
     main = types.ModuleType("__main__")
     vars(main).update(__annotations__={}, __builtins__=sys.modules["builtins"], __file__=path, __cached__=None,
                       __loader__=importlib.machinery.SourceFileLoader("__main__", path))
     sys.modules["__main__"] = main
-    code = compile(source, path, "exec", dont_inherit=True)  # without this file's `from __future__` flags
-    exec(code, vars(main))
+    _ScriptLoader("__main__", path).exec_module(main)
 
 
 def _system_exit_status(code: Any) -> int:

@@ -7191,11 +7191,13 @@ class LocalForkTest(TempDirTest):
     def test_a_forked_element_sees_what_a_fresh_interpreter_sees(self) -> None:
         seen = {}
         for fork in (True, False):
-            job = self.run_job(PROCESS_PROBE, fork=fork, env={"PROBE_MARK": "set", "TMPDIR": str(self.tmp)})
+            with mock_env(PYTHONDONTWRITEBYTECODE=None):
+                job = self.run_job(PROCESS_PROBE, fork=fork, env={"PROBE_MARK": "set", "TMPDIR": str(self.tmp)})
             self.assertEqual(self.start_mode(job), "fork" if fork else "exec: REFLOW_LOCAL_FORK is off")
             seen[fork] = [json.loads(self.logs(job, index)[0]) for index in (0, 1)]
             self.assertEqual([self.logs(job, index)[1] for index in (0, 1)], ["", ""])
         self.assertEqual(seen[True], seen[False])
+        self.assertFalse((self.tmp / "__pycache__").exists())  # a script's bytecode is never cached
         probe = seen[True][1]
         self.assertEqual(probe["argv"][1:], ["first arg"])
         self.assertEqual(probe["path"][0], str(self.tmp.resolve()))
