@@ -7554,6 +7554,266 @@ class LocalRunnerWaitTest(TempDirTest):
         self.assertEqual(infos["77_2"].state, "RUNNING")  # its line was torn: not recorded yet
 
 
+# =============================================================================
+# Local executor: elements forked from a warm runner (issue 6, scenario 5)
+# =============================================================================
+
+#: What an element sees of its process, printed as JSON: the same whether forked or started fresh.
+PROCESS_PROBE = """
+import atexit, json, os, signal, sys, tempfile, threading
+
+def typed(x: int) -> None:
+    pass
+
+null = os.stat(os.devnull)
+print(json.dumps({
+    "argv": sys.argv, "orig_argv": getattr(sys, "orig_argv", None), "path": sys.path, "file": __file__,
+    "main": {key: type(value).__name__ for key, value in vars(sys.modules["__main__"]).items()},
+    "main_is_this": vars(sys.modules["__main__"]) is globals(), "cwd": os.getcwd(),
+    "env": {key: os.environ.get(key) for key in ("REFLOW_JOB", "REFLOW_ARRAY_INDEX", "PROBE_MARK")},
+    "signals": {name: str(signal.getsignal(getattr(signal, name)))
+                for name in ("SIGTERM", "SIGINT", "SIGPIPE", "SIGXFSZ", "SIGHUP", "SIGCHLD")},
+    "mask": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+    "stdin_is_null": os.fstat(0).st_rdev == null.st_rdev,
+    "fds": sorted(int(name) for name in os.listdir("/proc/self/fd")),
+    "session_leader": os.getsid(0) == os.getpid(), "atexit": atexit._ncallbacks(),
+    "tempdir": tempfile.gettempdir(), "annotation": repr(typed.__annotations__["x"]),
+    "threads": threading.active_count(), "flags": repr(sys.flags),
+    "stdio": [(s.encoding, s.errors, s.line_buffering) for s in (sys.stdout, sys.stderr)],
+    "reflow": __import__("reflow").__file__,
+}, sort_keys=True))
+"""
+
+
+class LocalForkTest(TempDirTest):
+    """A job's elements forked from its warm runner act as fresh ``python script.py`` processes, and the
+    runner falls back to fresh processes whenever a fork would differ."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.executor = reflow.LocalExecutor(spool=self.tmp / "spool")
+
+    def run_job(self, source: str, fork: bool = True, array: Optional[str] = "0-1", time_limit: str = "00:02:00",
+                env: Optional[Dict[str, str]] = None, python: str = sys.executable, script_dir: Optional[Path] = None,
+                wait: bool = True) -> str:
+        """Run ``python SCRIPT 'first arg'`` as a local job (forking elements unless ``fork`` is False)."""
+        script = (script_dir or self.tmp) / "element.py"
+        script.write_text(textwrap.dedent(source))
+        resources = JobResources(job_name="fork", time_limit=time_limit, array=array, env=env, workdir=str(self.tmp),
+                                 output_path=str(self.tmp / "{job_id}_{array_index}.out"),
+                                 error_path=str(self.tmp / "{job_id}_{array_index}.err"))
+        with mock_env(REFLOW_LOCAL_FORK=None if fork else "0"):
+            job = self.executor.submit(resources, [python, str(script), "first arg"])
+        if wait:
+            self.wait_for(job)
+        return job
+
+    def wait_for(self, job: str) -> None:
+        """Wait until the job ended; its runner must have written nothing (no warning, no traceback)."""
+        deadline = time.monotonic() + 60
+        while self.executor.job_state(job) not in reflow.FINAL_JOB_STATES:
+            self.assertLess(time.monotonic(), deadline, f"job {job} did not end")
+            time.sleep(0.05)
+        self.assertEqual((self.tmp / "spool" / f"{job}.runner.log").read_text(), "")
+
+    def start_mode(self, job: str) -> str:
+        return json.loads((self.tmp / "spool" / f"{job}.state").read_text())["element_start"]
+
+    def logs(self, job: str, index: object) -> Tuple[str, str]:
+        """Return the element's stdout and stderr, with the job id replaced by JOB."""
+        return tuple((self.tmp / f"{job}_{index}.{kind}").read_text().replace(job, "JOB") for kind in ("out", "err"))
+
+    def test_a_forked_element_sees_what_a_fresh_interpreter_sees(self) -> None:
+        seen = {}
+        for fork in (True, False):
+            with mock_env(PYTHONDONTWRITEBYTECODE=None):
+                job = self.run_job(PROCESS_PROBE, fork=fork, env={"PROBE_MARK": "set", "TMPDIR": str(self.tmp)})
+            self.assertEqual(self.start_mode(job), "fork" if fork else "exec: REFLOW_LOCAL_FORK is off")
+            seen[fork] = [json.loads(self.logs(job, index)[0]) for index in (0, 1)]
+            self.assertEqual([self.logs(job, index)[1] for index in (0, 1)], ["", ""])
+        self.assertEqual(seen[True], seen[False])
+        self.assertFalse((self.tmp / "__pycache__").exists())  # a script's bytecode is never cached
+        probe = seen[True][1]
+        self.assertEqual(probe["argv"][1:], ["first arg"])
+        self.assertEqual(probe["path"][0], str(self.tmp.resolve()))
+        self.assertEqual(probe["env"], {"REFLOW_JOB": "1", "REFLOW_ARRAY_INDEX": "1", "PROBE_MARK": "set"})
+        self.assertEqual(probe["tempdir"], str(self.tmp))
+        self.assertEqual((probe["annotation"], probe["reflow"]), ("<class 'int'>", reflow.__file__))
+        self.assertTrue(probe["session_leader"] and probe["stdin_is_null"] and probe["main_is_this"])
+        self.assertEqual(probe["fds"][:3], [0, 1, 2])
+        self.assertLessEqual(len(probe["fds"]), 4)  # and the listing's own
+
+    EXITS = """
+        import os, sys
+        index = int(os.environ["REFLOW_ARRAY_INDEX"])
+        print("element", index, "says hello")
+        if index == 1:
+            sys.exit(3)
+        if index == 2:
+            raise ValueError(f"boom {index}")
+        if index == 3:
+            sys.exit("bad input")
+        if index == 4:
+            raise KeyboardInterrupt
+    """
+
+    def test_exit_codes_and_logs_match_a_fresh_interpreter(self) -> None:
+        outcomes = {}
+        for fork in (True, False):
+            job = self.run_job(self.EXITS, fork=fork, array="0-4")
+            infos = self.executor.job_infos([f"{job}_{i}" for i in range(5)])
+            outcomes[fork] = [(infos[f"{job}_{i}"].exit_code, *self.logs(job, i)) for i in range(5)]
+        self.assertEqual(outcomes[True], outcomes[False])
+        self.assertEqual([code for code, _, _ in outcomes[True]], [0, 3, 1, 1, -signal.SIGINT])
+        self.assertEqual([out for _, out, _ in outcomes[True]], [f"element {i} says hello\n" for i in range(5)])
+        traceback_text = outcomes[True][2][2]
+        self.assertTrue(traceback_text.startswith('Traceback (most recent call last):\n  File "'), traceback_text)
+        self.assertTrue(traceback_text.endswith("ValueError: boom 2\n"), traceback_text)
+        self.assertNotIn("reflow.py", traceback_text)
+        self.assertEqual(outcomes[True][3][2], "bad input\n")
+        self.assertIn("KeyboardInterrupt", outcomes[True][4][2])
+
+    LINGERING = """
+        import atexit, os, threading, time
+        from pathlib import Path
+        name = os.environ["REFLOW_JOB_ID"]
+
+        def late() -> None:
+            time.sleep(0.5)
+            Path(f"thread-{name}").write_text("done")
+
+        threading.Thread(target=late).start()
+        atexit.register(lambda: Path(f"atexit-{name}").write_text("ran"))
+        left_open = open(f"buffered-{name}", "w")
+        left_open.write("kept")
+        print("no newline at the end", end="")
+    """
+
+    def test_threads_atexit_handlers_and_open_files_finish_before_the_exit(self) -> None:
+        for fork in (True, False):
+            with self.subTest(fork=fork):
+                job = self.run_job(self.LINGERING, fork=fork, array=None)
+                self.assertEqual(self.executor.job_infos([job])[job].exit_code, 0)
+                for prefix, text in (("thread", "done"), ("atexit", "ran"), ("buffered", "kept")):
+                    self.assertEqual((self.tmp / f"{prefix}-{job}").read_text(), text)
+                self.assertEqual(self.logs(job, ""), ("no newline at the end", ""))
+
+    def test_forked_elements_draw_different_random_values(self) -> None:
+        source = """
+            import json, os, random, secrets, tempfile, uuid
+            with tempfile.NamedTemporaryFile(dir=".") as handle:
+                temp_name = os.path.basename(handle.name)
+            print(json.dumps([random.random(), os.urandom(16).hex(), uuid.uuid4().hex, secrets.token_hex(16),
+                              temp_name]))
+        """
+        job = self.run_job(source, array="0-3")
+        self.assertEqual(self.start_mode(job), "fork")
+        draws = [json.loads(self.logs(job, index)[0]) for index in range(4)]
+        for kind, values in zip(("random", "urandom", "uuid4", "secrets", "tempfile"), zip(*draws)):
+            self.assertEqual(len(set(values)), 4, (kind, values))
+
+    def test_walltime_and_cancel_kill_forked_elements(self) -> None:
+        job = self.run_job('import os, time\nif os.environ["REFLOW_ARRAY_INDEX"] == "1":\n    time.sleep(60)\n',
+                           time_limit="00:00:01")
+        infos = self.executor.job_infos([f"{job}_0", f"{job}_1"])
+        self.assertEqual((infos[f"{job}_0"].state, infos[f"{job}_1"].state), ("COMPLETED", "TIMEOUT"), infos)
+        self.assertEqual(self.start_mode(job), "fork")
+        job = self.run_job('import os, time\nopen(f"pid-{os.environ[\'REFLOW_ARRAY_INDEX\']}", "w").write('
+                           'str(os.getpid()))\ntime.sleep(60)\n', wait=False)
+        pids = self._wait_for_pids(2)
+        self.executor.cancel(job)
+        self.assertEqual(self.executor.job_state(job), "CANCELLED")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+        self.assertFalse([pid for pid in pids if _alive(pid)])
+        self.assertEqual(self.start_mode(job), "fork")
+
+    def _wait_for_pids(self, count: int) -> List[int]:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            files = list(self.tmp.glob("pid-*"))
+            if len(files) == count and all(f.read_text() for f in files):
+                return [int(f.read_text()) for f in files]
+            time.sleep(0.05)
+        self.fail("the elements did not start")
+
+    def test_elements_start_fresh_when_a_fork_would_differ(self) -> None:
+        python = self.tmp / "python"
+        python.symlink_to(sys.executable)  # the same interpreter under another name: sys.executable would differ
+        other = self.tmp / "other"
+        other.mkdir()
+        (other / "reflow.py").write_text("print('the script directory has its own reflow')\n")
+        relative_path = os.pathsep.join(["not-absolute", os.environ["PYTHONPATH"]])  # resolved in the start cwd
+        cases = [("another python", {"python": str(python)}, {}, "not '"),
+                 ("job sets PYTHONHASHSEED", {"env": {"PYTHONHASHSEED": "7"}}, {}, "the job sets PYTHONHASHSEED"),
+                 ("opted out", {"fork": False}, {}, "REFLOW_LOCAL_FORK is off"),
+                 ("another reflow", {"script_dir": other}, {}, f"would import reflow from {other / 'reflow.py'}"),
+                 ("relative PYTHONPATH", {}, {"PYTHONPATH": relative_path}, "PYTHONPATH has relative entries")]
+        for name, options, environ, reason in cases:
+            with self.subTest(name), mock_env(**environ):
+                job = self.run_job("import reflow, sys\nprint(sys.executable, reflow.__file__)\n", array=None,
+                                   **options)
+                self.assertIn(reason, self.start_mode(job))
+                self.assertTrue(self.start_mode(job).startswith("exec: "))
+                self.assertEqual(self.executor.job_state(job), "COMPLETED")
+                out = self.logs(job, "")[0].splitlines()
+                self.assertEqual(out[-1], f"{options.get('python', sys.executable)} "
+                                          f"{other / 'reflow.py' if 'script_dir' in options else reflow.__file__}")
+
+    SITECUSTOMIZE = """
+import atexit, os, threading, time
+atexit.register(lambda: open(os.environ["EXITS"], "a").write(f"{os.getpid()}\\n"))
+if os.environ.get("START_THREAD"):
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+"""
+
+    def test_interpreter_start_up_hooks_are_kept_and_runner_threads_prevent_forking(self) -> None:
+        site = self.tmp / "site"
+        site.mkdir()
+        (site / "sitecustomize.py").write_text(self.SITECUSTOMIZE)
+        exits = self.tmp / "exits"
+        pythonpath = os.pathsep.join([str(site), os.environ["PYTHONPATH"]])
+        for threads in (False, True):
+            with self.subTest(threads=threads), mock_env(PYTHONPATH=pythonpath, EXITS=str(exits),
+                                                         START_THREAD="1" if threads else None):
+                job = self.run_job("import os\nprint(os.getpid())\n")
+                expected = "exec: the runner runs threads" if threads else "fork"
+                self.assertEqual((self.executor.job_state(job), self.start_mode(job)), ("COMPLETED", expected))
+                pids = {self.logs(job, index)[0].strip() for index in (0, 1)}
+                self.assertLessEqual(pids, set(exits.read_text().split()))  # each element ran its atexit hook
+                exits.unlink()
+
+    def test_the_runner_ignores_modules_in_its_cwd(self) -> None:
+        stray = self.tmp / "stray"
+        stray.mkdir()
+        (stray / "json.py").write_text("raise ImportError('a stray json.py shadowed the standard library')\n")
+        saved = os.getcwd()
+        os.chdir(stray)
+        try:
+            job = self.run_job("print('fine')\n", array=None)
+        finally:
+            os.chdir(saved)
+        self.assertEqual((self.executor.job_state(job), self.start_mode(job)), ("COMPLETED", "fork"))
+        self.assertEqual(self.logs(job, ""), ("fine\n", ""))
+
+    def test_a_pipeline_runs_the_same_forked_and_fresh(self) -> None:
+        source = FANOUT.replace("FAIL_AT = -1", "FAIL_AT = 3")
+        for fork in (True, False):
+            with self.subTest(fork=fork), mock_env(REFLOW_LOCAL_FORK=None if fork else "0",
+                                                   REFLOW_STORE_PATH=str(self.tmp / f"store-{fork}.db")):
+                mod = load_flow(self.tmp, source)
+                run_dir = self.tmp / f"run-{fork}"
+                run = mod.wf.submit(run_dir, executor="local", n=5)
+                self.assertEqual(run.wait(timeout=120), "FAILED")
+                self.assertEqual(run.store.get_array_outputs(run.run_id, "square")[:3], [0, 1, 4])
+                states = [json.loads(p.read_text()) for p in (run_dir / ".reflow" / "local").glob("*.state")]
+                modes = {state["element_start"].split(":")[0] for state in states if "element_start" in state}
+                self.assertEqual(modes, {"fork" if fork else "exec"})
+                failing = next((run_dir / "logs").glob("square-*_3.err")).read_text()
+                self.assertIn("RuntimeError: boom at 3", failing)
+
+
 def main() -> int:
     """Run every test (or those named on the command line) and print one closing line."""
     program = unittest.main(exit=False, verbosity=int(os.environ.get("VERBOSE", "1")))
