@@ -9102,9 +9102,10 @@ class _WaitingDispatcher:
     On a cluster every dispatch job waits in the queue before it runs; a
     client blocked in ``Run.wait`` (``submit --wait``) has nothing better to
     do, so it watches the results directory and runs the cycle itself when
-    ingesting would start new work or end the run.  The queued dispatch jobs
-    stay the run's engine: if this process stops, they carry on, and a
-    cycle run here queues no second one (see ``_Dispatcher._rearm``).
+    ingesting would start new work or end the run.  One dispatch job stays
+    queued as a spare, the run's engine should this process stop: a cycle
+    run here replaces it when it submitted work (a spare waits on the jobs
+    of its time) and cancels it when the run ends (``_Dispatcher._rearm``).
     """
 
     #: Shortest pause between two looks at the results directory (seconds).
