@@ -9665,9 +9665,9 @@ class _LocalRun:
     Store writes with no task function running between them share one
     transaction (a new store's schema and the run's creation, cache
     copies, a task's instances with the next task's expansion, the final
-    state): every commit costs several fsyncs.  It is committed before any task function runs, so user code
-    never holds the store's write lock, and what ran is durable before the
-    next function starts.
+    state): every commit costs several fsyncs.  It is committed before any
+    task function runs, so user code never holds the store's write lock,
+    and what ran is durable before the next function starts.
     """
 
     def __init__(self, wf: Workflow, store: Store, verify: bool, max_workers: int, on_error: str):
