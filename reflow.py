@@ -80,6 +80,7 @@ import contextlib
 import datetime as _dt
 import enum
 import errno
+import functools
 import gc
 import importlib
 import importlib.machinery
@@ -3714,9 +3715,10 @@ class SqliteStore(Store):
 
     def get_outputs_digest(self, run_id: str, task: str) -> Optional[str]:
         """Return the digest of :meth:`Store.get_outputs_digest`, its text joined in SQL (no row reaches Python)."""
-        text, missing = self._read(  # rows come in idx_instances_unique order
-            "SELECT group_concat(IFNULL(array_index, -1) || ':' || output_hash, ','), IFNULL(SUM(output_hash = ''), 0) "
-            "FROM task_instances WHERE run_id = ? AND task_name = ?", (run_id, task))[0]
+        text, missing = self._read(  # the inner order is idx_instances_unique's own: no sort
+            "SELECT group_concat(pair, ','), IFNULL(SUM(missing), 0) FROM (SELECT IFNULL(array_index, -1) || ':' "
+            "|| output_hash AS pair, output_hash = '' AS missing FROM task_instances WHERE run_id = ? AND "
+            "task_name = ? ORDER BY IFNULL(array_index, -1))", (run_id, task))[0]
         return None if missing else _hash16(text or "")
 
     def dependency_is_satisfied(self, run_id: str, task: str) -> bool:
@@ -6143,9 +6145,9 @@ class LocalExecutor(Executor):
     20 ms less per element.  The child resets what a fresh interpreter
     would not have (session, signals, fds, cwd, environment, ``sys.argv``
     and ``sys.path``, ``__main__``); wherever a fork could differ (another
-    interpreter, PYTHON*/LD_*/LC_* variables in the job's environment, a
-    script that would import another reflow) the elements start fresh as
-    before.  ``REFLOW_LOCAL_FORK=0`` turns forking off; the job's state
+    interpreter, a variable the interpreter reads at start in the job's
+    environment (``_STARTUP_ENV_PREFIXES``), a script that would import
+    another reflow) the elements start fresh as before.  ``REFLOW_LOCAL_FORK=0`` turns forking off; the job's state
     file says how its elements started (``element_start``).
     """
 
@@ -8345,8 +8347,8 @@ class _Dispatcher:
         self.waiting_for_grace = False
         self.started = time.monotonic()
         self.own_job = _current_job_id() if os.environ.get(JOB_ENV_MARKER) else ""
-        # A cycle run by a waiting client (_WaitingDispatcher) leaves the next one to the dispatch job an
-        # earlier cycle queued, while that job is alive.  A dispatch job always queues its successor.
+        # In a cycle run by a waiting client (_WaitingDispatcher) the dispatch job an earlier cycle queued is
+        # a spare that _rearm keeps, replaces or cancels.  A dispatch job always queues its own successor.
         queued = (self.run.get("dispatch_job_id") or "") if waiting_client else ""
         self.queued_dispatch = "" if queued in (self.own_job, "DRYRUN") else queued
         self.queued_dispatch_alive: Optional[bool] = None  # None: not asked yet
@@ -10334,25 +10336,21 @@ class _UsageError(ReflowError):
     """A command-line usage error (exit code 2)."""
 
 
-_PARSER_CLASS: List[type] = []
-
-
+@functools.cache
 def _parser_class() -> Type[argparse.ArgumentParser]:
     """Return the ArgumentParser whose errors raise _UsageError, made when argparse is first needed.
 
     A job never needs it (see :func:`_parse_job_argv`), so argparse is not
     among the modules ``import reflow`` loads.
     """
-    if not _PARSER_CLASS:
-        class UsageErrorParser(argparse.ArgumentParser):
-            """argparse that raises instead of exiting, so ``cli()`` can return codes."""
+    class UsageErrorParser(argparse.ArgumentParser):
+        """argparse that raises instead of exiting, so ``cli()`` can return codes."""
 
-            def error(self, message: str) -> None:  # type: ignore[override]
-                """Raise a usage error instead of printing and exiting."""
-                raise _UsageError(f"{self.prog}: {message}")
+        def error(self, message: str) -> None:  # type: ignore[override]
+            """Raise a usage error instead of printing and exiting."""
+            raise _UsageError(f"{self.prog}: {message}")
 
-        _PARSER_CLASS.append(UsageErrorParser)
-    return _PARSER_CLASS[0]
+    return UsageErrorParser
 
 
 def _convert_bool(text: str) -> bool:
