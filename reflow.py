@@ -167,7 +167,7 @@ class _Log:
 log: Any = _Log()
 
 #: Schema version of the sqlite store (``PRAGMA user_version``).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Default resources of a task job.
 DEFAULT_CPUS, DEFAULT_TIME, DEFAULT_MEM = 1, "00:30:00", "4G"
 #: Seconds a finished job may stay without a result file before it is failed.
@@ -1780,21 +1780,28 @@ class JobConfig(metaclass=_DataclassOnFirstUse):
     signal = property(lambda self: self.submit_options.get("signal"))
 
 
-@_dataclass
-class CliParam(metaclass=_DataclassOnFirstUse):
-    """One generated command-line flag, as read from a task signature."""
+class CliParam:
+    """One generated command-line flag, as read from a task signature.
 
-    name: str
-    task: str
-    flag: str
-    type: Any
-    required: bool
-    default: Any
-    namespace: str
-    help: str
-    choices: Optional[List[Any]]
-    short: Optional[str] = None
-    extra: Dict[str, Any] = _field(default_factory=dict)
+    A plain class rather than one of reflow's dataclasses: every run builds
+    these to check its parameters, and making the dataclass would cost a
+    run more than the check itself.
+    """
+
+    __slots__ = ("choices", "default", "extra", "flag", "help", "name", "namespace", "required", "short", "task",
+                 "type")
+    _FIELDS = ("name", "task", "flag", "type", "required", "default", "namespace", "help", "choices", "short",
+               "extra")
+
+    def __init__(self, name: str, task: str, flag: str, type: Any, required: bool, default: Any, namespace: str,
+                 help: str, choices: Optional[List[Any]], short: Optional[str] = None,
+                 extra: Optional[Dict[str, Any]] = None) -> None:
+        self.name, self.task, self.flag, self.type, self.required = name, task, flag, type, required
+        self.default, self.namespace, self.help, self.choices, self.short = default, namespace, help, choices, short
+        self.extra: Dict[str, Any] = {} if extra is None else extra
+
+    def __repr__(self) -> str:
+        return f"CliParam({', '.join(f'{name}={getattr(self, name)!r}' for name in self._FIELDS)})"
 
     @property
     def dest(self) -> str:
@@ -2751,6 +2758,9 @@ class Store(abc.ABC):
     def copy_cached_task(self, run_id: str, task: str, key: str) -> Optional[int]:
         """Copy every instance of ``task`` from the run recorded under ``key`` as cache hits; return the width.
 
+        One ``cached`` event for the task (its reason names the source run)
+        records the copy, not one per instance: a re-run of a 100,000-element
+        task adds no 100,000 event rows that say nothing its instances do not.
         None when no run is recorded or its instances are not all SUCCESS.
         Stores without this fast path return None and the caller looks up
         each instance instead.
@@ -2865,20 +2875,21 @@ _V1_COLUMNS = {
 _EVENT_COLUMNS = ("id", "run_id", "task_name", "array_index", "instance_id", "at", "event", "state", "job_id",
                   "attempt", "exit_code", "reason")
 
-#: Indexes of the current schema.  ``idx_instances_source`` holds the cache's sources: the successful
+#: Indexes of the current schema.  ``idx_instances_unique`` also serves every lookup by run, or by run
+#: and task (its leading columns).  ``idx_instances_source`` holds the cache's sources: the successful
 #: instances that ran.  A cache copy (``cached = 1``) has its source's identity and output, so it needs
 #: no entry of its own, and copying a 100,000-element task skips as many random-order index inserts
 #: (two thirds of the copy's cost).
 _INDEXES = (
-    "CREATE INDEX IF NOT EXISTS idx_instances_run_task ON task_instances (run_id, task_name)",
     "CREATE UNIQUE INDEX IF NOT EXISTS idx_instances_unique ON task_instances "
     "(run_id, task_name, IFNULL(array_index, -1))",
     "CREATE INDEX IF NOT EXISTS idx_instances_source ON task_instances (task_name, identity) "
     "WHERE state = 'SUCCESS' AND cached = 0",
     "CREATE INDEX IF NOT EXISTS idx_events_run ON events (run_id, id)",
 )
-#: Indexes of older versions that the current schema replaces (version 2's cache index held every row).
-_OLD_INDEXES = ("idx_instances_cache",)
+#: Indexes of older versions that the current schema drops: version 2's cache index held every row, and
+#: up to version 3 an index on (run_id, task_name) repeated the unique index's leading columns.
+_OLD_INDEXES = ("idx_instances_cache", "idx_instances_run_task")
 
 
 class _TaskNotWhole(Exception):
@@ -3218,8 +3229,6 @@ class SqliteStore(Store):
         conn = self._connect()
         try:
             self._check_and_upgrade(conn)
-            if not self.readonly:
-                conn.execute(_BATCH_TABLE)
         except BaseException:
             conn.close()
             raise
@@ -3520,15 +3529,25 @@ class SqliteStore(Store):
 
     # -- bulk state changes (call inside a transaction) ---------------------------
 
+    def _empty_batch(self) -> None:
+        """Empty the scratch table, creating it first in a connection that has none yet.
+
+        Made on first use rather than at open (a run that is all cache hits
+        needs none); asked each time because a rolled-back savepoint undoes
+        its creation.
+        """
+        self._db.execute(_BATCH_TABLE)
+        self._db.execute("DELETE FROM temp.reflow_batch")
+
     def _batch(self, rows: Iterable[Sequence[Any]], columns: str = "id") -> None:
         """Fill the scratch table with instance ids (and per-row values); duplicates are dropped."""
         marks = ", ".join("?" * (columns.count(",") + 1))
-        self._db.execute("DELETE FROM temp.reflow_batch")
+        self._empty_batch()
         self._db.executemany(f"INSERT OR IGNORE INTO temp.reflow_batch ({columns}) VALUES ({marks})", rows)
 
     def _batch_select(self, where: str, params: Any, many: bool = False) -> None:
         """Fill the scratch table with the ids of the instances matching ``where``."""
-        self._db.execute("DELETE FROM temp.reflow_batch")
+        self._empty_batch()
         sql = f"INSERT OR IGNORE INTO temp.reflow_batch (id) SELECT id FROM task_instances WHERE {where}"
         if many:
             self._db.executemany(sql, params)
@@ -3767,7 +3786,6 @@ class SqliteStore(Store):
         if width is None or width != count:
             return None
         now = _utcnow()
-        first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
         copied = self._db.execute(
             "INSERT INTO task_instances (run_id, task_name, array_index, state, input, identity, input_hash, "
             "output, output_hash, cached, reason, finished_at, created_at, updated_at) "
@@ -3776,8 +3794,9 @@ class SqliteStore(Store):
             (run_id, now, now, now, source, task)).rowcount
         if copied != width:
             raise _TaskNotWhole(f"{source}: {copied} of {width} instances of {task!r} succeeded")
-        self._db.execute(_EVENT_SELECT.format(at="t.created_at", source="task_instances t WHERE t.id > ? "
-                                              "ORDER BY t.id", event="'cached'"), (first,))
+        self._db.execute("INSERT INTO events (run_id, task_name, at, event, state, reason) "
+                         "VALUES (?, ?, ?, 'cached', 'SUCCESS', ?)",
+                         (run_id, task, now, f"{width} instances copied from run {source}"))
         self.set_task_width(run_id, task, width)
         return width
 
@@ -9624,12 +9643,19 @@ def _make_run_dir(path: Path) -> None:
 
 
 def _current_user() -> str:
-    """Return the login name of the current user."""
+    """Return the login name of the current user: ``$LOGNAME`` or ``$USER`` (as getpass does), else the passwd entry.
+
+    The environment comes first because a passwd lookup reads NSS files
+    (or asks LDAP) on every run.
+    """
+    named = os.environ.get("LOGNAME") or os.environ.get("USER")
+    if named:
+        return named
     try:
         import pwd  # POSIX only; imported here because Windows lacks it
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
-        return os.environ.get("USER") or os.environ.get("USERNAME") or "unknown"
+        return os.environ.get("USERNAME") or "unknown"
 
 
 #: The day and the number behind the hex digits of the last run id made in this process.

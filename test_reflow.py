@@ -613,8 +613,9 @@ class RunLocalTest(TempDirTest):
             copied = store.list_task_instances(again.run_id, task)
             self.assertEqual([tuple(i[c] for c in columns) for i in copied], expected)
             self.assertTrue(all(i["cached"] for i in copied), task)
-        events = [e["event"] for e in store.list_events(again.run_id) if e["task_name"] == "square"]
-        self.assertEqual(events, ["cached"] * 4)
+        events = [(e["event"], e["array_index"], e["instance_id"], e["reason"])
+                  for e in store.list_events(again.run_id) if e["task_name"] == "square"]
+        self.assertEqual(events, [("cached", None, None, f"4 instances copied from run {mended.run_id}")])
         self.assertEqual(store.get_task_specs(again.run_id)[1]["width"], 4)
         self.assertEqual(failed.state, "FAILED")
 
@@ -2181,7 +2182,7 @@ class TestStoreFiles(_StoreTest):
         self.assertIn("PRAGMA user_version", statements)
         self.assertEqual([s for s in statements if "table_info" in s], [])
 
-    def test_migrates_version_2_cache_index(self):
+    def test_migration_drops_the_indexes_older_versions_had(self):
         self.store.insert_run("r1", "wf", "u", {})
         self.store.insert_run("r2", "wf", "u", {})
         row = {"array_index": 0, "state": "SUCCESS", "input": {}, "identity": "id0", "input_hash": "h",
@@ -2192,6 +2193,7 @@ class TestStoreFiles(_StoreTest):
         conn = sqlite3.connect(str(self.path))
         conn.executescript("DROP INDEX idx_instances_source; "  # what version 2 had: every row in the index
                            "CREATE INDEX idx_instances_cache ON task_instances (task_name, identity, state); "
+                           "CREATE INDEX idx_instances_run_task ON task_instances (run_id, task_name); "  # up to v3
                            "UPDATE meta SET value = '2' WHERE key = 'schema_version'; PRAGMA user_version = 2;")
         conn.close()
         with reflow.SqliteStore(self.path) as store:
@@ -2205,6 +2207,7 @@ class TestStoreFiles(_StoreTest):
         conn.close()
         self.assertIn("idx_instances_source", indexes)
         self.assertNotIn("idx_instances_cache", indexes)
+        self.assertNotIn("idx_instances_run_task", indexes)
         self.assertEqual(versions, (reflow.SCHEMA_VERSION, str(reflow.SCHEMA_VERSION)))
 
     def test_failed_migration_leaves_file_unchanged(self):
@@ -2494,7 +2497,8 @@ class TestStoreInstances(_StoreTest):
         copies = self.store.list_task_instances("r2", "b")
         self.assertEqual([(i["array_index"], i["state"], i["cached"], i["output"]) for i in copies],
                          [(k, "SUCCESS", True, 7) for k in range(3)])
-        self.assertEqual([e["event"] for e in self.store.list_events("r2")], ["run_created"] + ["cached"] * 3)
+        self.assertEqual([(e["event"], e["task_name"], e["state"], e["reason"]) for e in self.store.list_events("r2")],
+                         [("run_created", None, "RUNNING", ""), ("cached", "b", "SUCCESS", "3 instances copied from run r1")])
         self.assertIsNone(self.store.copy_cached_task("r1", "b", "key"))  # not from the run itself
         self.assertIsNone(self.store.copy_cached_task("r2", "b", "other"))  # no run recorded
         self.store.update_task_failed(ids[1], "lost")
@@ -7367,8 +7371,9 @@ class RunLocalTransactionTest(TempDirTest):
         self.assertEqual(again.state, "SUCCESS")
         self.assertEqual(store.get_singleton_output(again.run_id, "total"), 30)
         self.assertTrue(all(i["cached"] for i in store.list_task_instances(again.run_id)))
-        events = [e["event"] for e in store.list_events(again.run_id)]
-        self.assertEqual((events[0], events[-1], len(events)), ("run_created", "run_success", 9))
+        events = [(e["event"], e["task_name"]) for e in store.list_events(again.run_id)]
+        self.assertEqual(events, [("run_created", None), ("cached", "prepare"), ("cached", "square"),
+                                  ("cached", "total"), ("run_success", None)])  # one event per task copied
 
     def test_failure_inside_the_shared_transaction_leaves_no_run(self) -> None:
         mod = load_flow(self.tmp, FANOUT)
