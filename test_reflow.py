@@ -7257,6 +7257,19 @@ class LazyImportTest(unittest.TestCase):
             self.assertEqual(reflow.Workflow("p").cli(["worker", "--run-id", "r", "--task", "t", "--index", "x"]), 2)
         self.assertIn("--index: invalid int value: 'x'", err.getvalue())
 
+    def test_task_calls_catch_stop_signals_without_the_signal_module(self) -> None:
+        out = _fresh_python("""
+            import _signal, os, sys, reflow
+            before = _signal.getsignal(15)
+            try:
+                with reflow.graceful_shutdown():
+                    untouched = "signal" not in sys.modules
+                    os.kill(os.getpid(), 15)
+            except reflow.TaskInterrupted as exc:
+                print(untouched, exc.signal_name, _signal.getsignal(15) == before)
+        """)
+        self.assertEqual(out, "True SIGTERM True")
+
     def test_dataclass_functions_see_dataclasses_before_first_use(self) -> None:
         out = _fresh_python("""
             import dataclasses, json, reflow
