@@ -73,6 +73,7 @@ __all__ = [
     "write_example_config",
 ]
 
+import _thread  # threading's own locks, without importing threading (2 % of a worker element)
 import abc
 import atexit
 import collections
@@ -91,7 +92,6 @@ import os
 import re
 import sqlite3
 import sys
-import threading
 import time
 import types
 
@@ -111,6 +111,7 @@ if TYPE_CHECKING:
     import signal
     import subprocess
     import tempfile
+    import threading
     import traceback
     import typing
     from dataclasses import dataclass as _dataclass
@@ -150,7 +151,7 @@ class _LoadOnUse:
 
 #: Modules only some commands or paths need: bound to _LoadOnUse stand-ins below.
 _LAZY_MODULES = ("argparse", "base64", "dataclasses", "difflib", "html", "inspect", "multiprocessing", "select",
-                 "shlex", "shutil", "signal", "subprocess", "tempfile", "traceback", "typing")
+                 "shlex", "shutil", "signal", "subprocess", "tempfile", "threading", "traceback", "typing")
 if not TYPE_CHECKING:  # what mypy sees imported above loads when first used
     globals().update((name, _LoadOnUse(name)) for name in _LAZY_MODULES)
     Path = _LoadOnUse("pathlib", "Path")
@@ -314,7 +315,7 @@ class _DataclassOnFirstUse(type):
 
 #: Classes declared with _lazy_dataclass and not finished yet: their frozen flag (None while being finished).
 _PENDING_DATACLASSES: Dict[type, Optional[bool]] = {}
-_DATACLASS_LOCK = threading.RLock()
+_DATACLASS_LOCK = _thread.RLock()  # type: ignore[attr-defined]  # missing from typeshed
 #: Stand-ins a pending class carries: ``__new__`` finishes the class before the real ``__init__`` runs
 #: (and stays, as a plain ``object.__new__``); the others serve an instance made before (DEFAULT_CODEC).
 _STAND_INS = ("__new__", "__getattr__")
@@ -9645,7 +9646,7 @@ def _current_user() -> str:
 
 #: The day and the number behind the hex digits of the last run id made in this process.
 _LAST_RUN_ID = ("", -1)
-_RUN_ID_LOCK = threading.Lock()
+_RUN_ID_LOCK = _thread.allocate_lock()
 
 
 def make_run_id(workflow_name: str) -> str:

@@ -7204,7 +7204,7 @@ class PackLocalTest(TempDirTest):
 _HEAVY_MODULES = ("argparse", "dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging",
                   "tomllib",
                   "difflib", "uuid", "tempfile", "shutil", "html", "traceback", "subprocess", "select",
-                  "multiprocessing")
+                  "multiprocessing", "threading")
 
 
 def _fresh_python(code: str) -> str:
