@@ -73,6 +73,7 @@ __all__ = [
     "write_example_config",
 ]
 
+import _thread  # threading's own locks, without importing threading (2 % of a worker element)
 import abc
 import atexit
 import collections
@@ -91,7 +92,6 @@ import os
 import re
 import sqlite3
 import sys
-import threading
 import time
 import types
 
@@ -111,6 +111,7 @@ if TYPE_CHECKING:
     import signal
     import subprocess
     import tempfile
+    import threading
     import traceback
     import typing
     from dataclasses import dataclass as _dataclass
@@ -122,6 +123,10 @@ try:
     import fcntl
 except ImportError:  # Windows: locks become no-ops; clusters are POSIX.
     fcntl = None  # type: ignore[assignment]
+try:  # CPython's core of ``signal``, loaded at interpreter start (see _on_stop_signals)
+    import _signal
+except ImportError:
+    _signal = None
 
 
 class _LoadOnUse:
@@ -146,7 +151,7 @@ class _LoadOnUse:
 
 #: Modules only some commands or paths need: bound to _LoadOnUse stand-ins below.
 _LAZY_MODULES = ("argparse", "base64", "dataclasses", "difflib", "html", "inspect", "multiprocessing", "select",
-                 "shlex", "shutil", "signal", "subprocess", "tempfile", "traceback", "typing")
+                 "shlex", "shutil", "signal", "subprocess", "tempfile", "threading", "traceback", "typing")
 if not TYPE_CHECKING:  # what mypy sees imported above loads when first used
     globals().update((name, _LoadOnUse(name)) for name in _LAZY_MODULES)
     Path = _LoadOnUse("pathlib", "Path")
@@ -310,10 +315,11 @@ class _DataclassOnFirstUse(type):
 
 #: Classes declared with _lazy_dataclass and not finished yet: their frozen flag (None while being finished).
 _PENDING_DATACLASSES: Dict[type, Optional[bool]] = {}
-_DATACLASS_LOCK = threading.RLock()
+_DATACLASS_LOCK = _thread.RLock()  # type: ignore[attr-defined]  # missing from typeshed
 #: Stand-ins a pending class carries: ``__new__`` finishes the class before the real ``__init__`` runs
-#: (and stays, as a plain ``object.__new__``); the others serve an instance made before (DEFAULT_CODEC).
-_STAND_INS = ("__new__", "__getattr__")
+#: (and stays, as a plain ``object.__new__``); the others serve an instance made before (DEFAULT_CODEC,
+#: _made_without_init).  No class declared with _lazy_dataclass defines these methods itself.
+_STAND_INS = ("__new__", "__getattr__", "__repr__", "__eq__", "__hash__")
 _FROZEN_STAND_INS = ("__setattr__", "__delattr__")
 
 
@@ -342,6 +348,8 @@ def _stand_in(cls: type, method: str) -> Any:
         _finish_dataclass(cls)
         if method == "__getattr__":  # the plain class lacked it: look again in the dataclass
             return object.__getattribute__(self, *args)
+        if method == "__hash__":  # None in a dataclass that is not frozen: hash() says it is unhashable
+            return hash(self)
         return getattr(cls, method)(self, *args)
 
     return finish_then_call
@@ -359,7 +367,7 @@ def _finish_dataclass(cls: type) -> None:
         if frozen is None:  # not pending, or being finished by this thread
             return
         _PENDING_DATACLASSES[cls] = None
-        for method in ("__getattr__",) + (_FROZEN_STAND_INS if frozen else ()):
+        for method in _STAND_INS[1:] + (_FROZEN_STAND_INS if frozen else ()):
             delattr(cls, method)
         for name, value in list(vars(cls).items()):
             if isinstance(value, _FieldSpec):
@@ -374,6 +382,19 @@ def _finish_dataclass(cls: type) -> None:
 def _plain_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     """``object.__new__`` for a class whose ``__new__`` must stay overridden (see _finish_dataclass)."""
     return object.__new__(cls)
+
+
+def _made_without_init(cls: type, **fields: Any) -> Any:
+    """Return what ``cls(**fields)`` returns, without making a pending class a dataclass.
+
+    For a class without ``__post_init__``, with every field given in the
+    order of the fields (a spec's signature may be left to
+    _SignatureOnFirstUse).  A worker makes its task specs this way:
+    finishing them would import dataclasses, and with it inspect.
+    """
+    instance: Any = object.__new__(cls)
+    instance.__dict__.update(fields)
+    return instance
 
 
 if not TYPE_CHECKING:
@@ -1838,9 +1859,14 @@ class TaskSpec(metaclass=_DataclassOnFirstUse):
         """Return ``(parameter name, receives the run dir)`` pairs, computed once."""
         plan = self.__dict__.get("_call_plan")
         if plan is None:
-            plan = tuple((p.name, self.is_rundir_param(p)) for p in self.signature.parameters.values())
+            plan = tuple((name, self._receives_run_dir(name, default)) for name, default in self._parameters())
             self.__dict__["_call_plan"] = plan
         return plan
+
+    def _parameters(self) -> List[Tuple[str, Any]]:
+        """Return ``(name, default)`` of each parameter, read off the function while the signature is unread."""
+        plain = None if "signature" in vars(self) else _plain_parameters(self.func)
+        return plain if plain is not None else _named_defaults(self.signature)
 
     def param_type(self, name: str) -> Any:
         """Return the declared type of a parameter, Annotated stripped."""
@@ -1848,9 +1874,12 @@ class TaskSpec(metaclass=_DataclassOnFirstUse):
 
     def is_rundir_param(self, param: inspect.Parameter) -> bool:
         """Tell whether a parameter receives the run directory."""
-        hint = self.hints.get(param.name)
-        base, meta = _strip_annotated(hint)
-        return (param.name == "run_dir" or base is RunDir or isinstance(param.default, RunDir)
+        return self._receives_run_dir(param.name, param.default)
+
+    def _receives_run_dir(self, name: str, default: Any) -> bool:
+        """Tell whether the parameter ``name`` (with ``default``) receives the run directory."""
+        base, meta = _strip_annotated(self.hints.get(name))
+        return (name == "run_dir" or base is RunDir or isinstance(default, RunDir)
                 or any(m is RunDir or isinstance(m, RunDir) for m in meta))
 
     def renamed(self, name: str, mapping: Mapping[str, str]) -> TaskSpec:
@@ -1861,10 +1890,61 @@ class TaskSpec(metaclass=_DataclassOnFirstUse):
         return dataclasses.replace(self, name=name, config=config, result_deps=deps)
 
 
-def _find_result(param: inspect.Parameter, hint: Any) -> Optional[Result]:
-    """Return the Result marker of a parameter (default or Annotated), if any."""
-    if isinstance(param.default, Result):
-        return param.default
+class _SignatureOnFirstUse:
+    """``TaskSpec.signature`` of a spec made without one (see Flow._make_spec): its function's, when first read.
+
+    A spec given its signature keeps it in its ``__dict__``, which this
+    non-data descriptor leaves alone.  Read on the class it raises
+    AttributeError, so that dataclasses sees no default for the field.
+    """
+
+    def __get__(self, spec: Any, owner: Any = None) -> Any:
+        if spec is None:
+            raise AttributeError("signature")
+        signature = spec.__dict__["signature"] = inspect.signature(spec.func)
+        return signature
+
+
+# set after the class body, where dataclasses (and mypy) would take it for the field's default
+TaskSpec.signature = _SignatureOnFirstUse()  # type: ignore[assignment]
+
+#: ``co_flags`` bits of a function with ``*args`` / ``**kwargs`` (inspect.CO_VARARGS, inspect.CO_VARKEYWORDS).
+_CO_VARARGS, _CO_VARKEYWORDS = 0x04, 0x08
+#: The default of a parameter without one, in :func:`_plain_parameters` (inspect.Parameter.empty elsewhere).
+_NO_DEFAULT = object()
+
+
+def _plain_parameters(func: Callable) -> Optional[List[Tuple[str, Any]]]:
+    """Return ``(name, default)`` of each parameter of a plain function, in ``inspect.signature``'s order.
+
+    Read off its code object: importing inspect would cost a worker a fifth
+    of its start-up.  None for anything else, also a function with
+    attributes (``__wrapped__``, ``__signature__``: inspect follows them).
+    """
+    if type(func) is not types.FunctionType or vars(func):
+        return None
+    code, defaults, keyword_defaults = func.__code__, func.__defaults__ or (), func.__kwdefaults__ or {}
+    count, keyword_count = code.co_argcount, code.co_kwonlyargcount
+    names = code.co_varnames
+    first_default = count - len(defaults)
+    positional = [(name, defaults[i - first_default] if i >= first_default else _NO_DEFAULT)
+                  for i, name in enumerate(names[:count])]
+    keyword = [(name, keyword_defaults.get(name, _NO_DEFAULT)) for name in names[count:count + keyword_count]]
+    rest = iter(names[count + keyword_count:])  # then the names of *args and **kwargs, when there are
+    star = [(next(rest), _NO_DEFAULT)] if code.co_flags & _CO_VARARGS else []
+    double_star = [(next(rest), _NO_DEFAULT)] if code.co_flags & _CO_VARKEYWORDS else []
+    return positional + star + keyword + double_star
+
+
+def _named_defaults(signature: inspect.Signature) -> List[Tuple[str, Any]]:
+    """Return ``(name, default)`` of each parameter of ``signature``."""
+    return [(param.name, param.default) for param in signature.parameters.values()]
+
+
+def _find_result(default: Any, hint: Any) -> Optional[Result]:
+    """Return the Result marker of a parameter (its default or Annotated), if any."""
+    if isinstance(default, Result):
+        return default
     return next((m for m in _strip_annotated(hint)[1] if isinstance(m, Result)), None)
 
 
@@ -1953,10 +2033,10 @@ class Flow:
             task_name = name or func.__name__
             _check_job_options(task_name, cpus, time, mem, retries, array_parallelism)
             _check_packing(task_name, bool(array), elements_per_job, inline)
-            config = JobConfig(cpus=cpus, time=str(time), mem=str(mem), array=bool(array), after=after_list,
-                               array_parallelism=array_parallelism, submit_options=options,
-                               version=str(version), cache=bool(cache), backend=backend, retries=retries,
-                               elements_per_job=elements_per_job, inline=inline)
+            config = _made_without_init(
+                JobConfig, cpus=cpus, time=str(time), mem=str(mem), array=bool(array), after=after_list,
+                array_parallelism=array_parallelism, submit_options=options, version=str(version), cache=bool(cache),
+                backend=backend, retries=retries, elements_per_job=elements_per_job, inline=inline)
             self._add(self._make_spec(task_name, func, config, verify))
             return func
 
@@ -1969,20 +2049,28 @@ class Flow:
 
     @staticmethod
     def _make_spec(name: str, func: Callable, config: JobConfig, verify: Optional[Callable]) -> TaskSpec:
-        """Build a TaskSpec from a function and its decorator options."""
+        """Build a TaskSpec from a function and its decorator options.
+
+        A plain function with a return annotation leaves its signature to
+        first use (see _SignatureOnFirstUse), so that a worker imports
+        neither inspect nor dataclasses.
+        """
         if not callable(func):
             raise TypeError(f"task {name!r}: @job must decorate a function, got {type(func).__name__}")
-        signature = inspect.signature(func)
+        plain = _plain_parameters(func)
+        signature = None if plain is not None else inspect.signature(func)
         hints = _resolve_hints(func)
-        deps = {}
-        for param in signature.parameters.values():
-            result = _find_result(param, hints.get(param.name))
-            if result is not None:
-                deps[param.name] = result
+        if signature is None and "return" not in hints:  # its return type is inspect's "empty"
+            signature = inspect.signature(func)
+        parameters = (plain or []) if signature is None else _named_defaults(signature)
+        found = {param: _find_result(default, hints.get(param)) for param, default in parameters}
+        deps = {param: result for param, result in found.items() if result is not None}
         if config.array and not deps:
             raise ValueError(f"array task {name!r} needs at least one Result(...) parameter to fan out over")
-        return_type = hints.get("return", signature.return_annotation)
-        return TaskSpec(name, func, config, signature, deps, return_type, verify, hints)
+        return_type = hints["return"] if signature is None else hints.get("return", signature.return_annotation)
+        known = {} if signature is None else {"signature": signature}
+        return _made_without_init(TaskSpec, name=name, func=func, config=config, **known, result_deps=deps,
+                                  return_type=return_type, verify=verify, hints=hints)
 
     def _add(self, spec: TaskSpec) -> None:
         """Register a spec; an unsafe or duplicate name is a ValueError.
@@ -7940,20 +8028,34 @@ def _median(values: Sequence[float]) -> Optional[float]:
 
 
 @contextlib.contextmanager
+def _on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """Call ``handler`` on SIGTERM and SIGINT inside the block; restore the previous handlers after.
+
+    The handlers are set through ``_signal``, which ``signal`` wraps: a
+    worker needs no more, and importing ``signal`` (three enums) would
+    cost each element 1.5 % of its instructions.  Handlers come back as
+    plain numbers there, which either module takes back.
+    """
+    handlers = _signal or signal
+    previous = {}
+    for signum in (handlers.SIGTERM, handlers.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+            previous[signum] = handlers.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            handlers.signal(signum, old)
+
+
+@contextlib.contextmanager
 def graceful_shutdown() -> Iterator[None]:
     """Turn SIGTERM and SIGINT into :class:`TaskInterrupted` inside the block."""
     def interrupt(signum: int, frame: Any) -> None:
         raise TaskInterrupted(signum)
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
-            previous[signum] = signal.signal(signum, interrupt)
-    try:
+    with _on_stop_signals(interrupt):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _position_index(positions: str, offset: int) -> int:
@@ -8067,15 +8169,8 @@ def _stop_request(forward_to: Sequence[int] = ()) -> Iterator[Dict[str, int]]:
             with contextlib.suppress(OSError):
                 os.kill(pid, signum)
 
-    previous = {}
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(ValueError):
-            previous[signum] = signal.signal(signum, note)
-    try:
+    with _on_stop_signals(note):
         yield seen
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def _run_chunk(job: _ElementRunner, insts: List[Dict[str, Any]], slots: int) -> int:
@@ -9660,7 +9755,7 @@ def _current_user() -> str:
 
 #: The day and the number behind the hex digits of the last run id made in this process.
 _LAST_RUN_ID = ("", -1)
-_RUN_ID_LOCK = threading.Lock()
+_RUN_ID_LOCK = _thread.allocate_lock()
 
 
 def make_run_id(workflow_name: str) -> str:

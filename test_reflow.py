@@ -7208,7 +7208,7 @@ class PackLocalTest(TempDirTest):
 _HEAVY_MODULES = ("argparse", "dataclasses", "inspect", "typing", "pathlib", "base64", "shlex", "hashlib", "logging",
                   "tomllib",
                   "difflib", "uuid", "tempfile", "shutil", "html", "traceback", "subprocess", "select",
-                  "multiprocessing")
+                  "multiprocessing", "threading")
 
 
 def _fresh_python(code: str) -> str:
@@ -7261,6 +7261,19 @@ class LazyImportTest(unittest.TestCase):
             self.assertEqual(reflow.Workflow("p").cli(["worker", "--run-id", "r", "--task", "t", "--index", "x"]), 2)
         self.assertIn("--index: invalid int value: 'x'", err.getvalue())
 
+    def test_task_calls_catch_stop_signals_without_the_signal_module(self) -> None:
+        out = _fresh_python("""
+            import _signal, os, sys, reflow
+            before = _signal.getsignal(15)
+            try:
+                with reflow.graceful_shutdown():
+                    untouched = "signal" not in sys.modules
+                    os.kill(os.getpid(), 15)
+            except reflow.TaskInterrupted as exc:
+                print(untouched, exc.signal_name, _signal.getsignal(15) == before)
+        """)
+        self.assertEqual(out, "True SIGTERM True")
+
     def test_dataclass_functions_see_dataclasses_before_first_use(self) -> None:
         out = _fresh_python("""
             import dataclasses, json, reflow
@@ -7303,6 +7316,102 @@ class LazyImportTest(unittest.TestCase):
         first.after.append("a")
         self.assertEqual((second.after, first.submit_options is second.submit_options), ([], False))
         self.assertEqual(dataclasses.replace(first, cpus=3).after, ["a"])
+
+    def test_task_specs_made_before_dataclasses_behave_as_dataclasses(self) -> None:
+        out = _fresh_python("""
+            import sys, reflow
+            wf = reflow.Workflow("w")
+
+            @wf.job(cpus=2)
+            def step(a: int, run_dir: str = "", *, b: str = "x") -> int:
+                return a
+
+            spec = wf.tasks["step"]
+            print([m in sys.modules for m in ("dataclasses", "inspect")], spec.call_plan)
+            print(repr(spec.config))
+            print(spec.config == reflow.JobConfig(cpus=2), spec.signature)
+            import dataclasses
+            print([f.name for f in dataclasses.fields(spec)], dataclasses.replace(spec, name="t").signature)
+            try:
+                hash(spec)
+            except TypeError as exc:
+                print(exc)
+        """)
+        self.assertEqual(out.splitlines(), [
+            "[False, False] (('a', False), ('run_dir', True), ('b', False))",
+            "JobConfig(cpus=2, time='00:30:00', mem='4G', array=False, after=[], array_parallelism=None, "
+            "submit_options={}, version='1', cache=True, backend=None, retries=0, elements_per_job=1, inline=False)",
+            "True (a: int, run_dir: str = '', *, b: str = 'x') -> int",
+            "['name', 'func', 'config', 'signature', 'result_deps', 'return_type', 'verify', 'hints'] "
+            "(a: int, run_dir: str = '', *, b: str = 'x') -> int",
+            "unhashable type: 'TaskSpec'"])
+
+    def test_parameters_read_without_inspect_are_the_signatures(self) -> None:
+        def mixed(a, b=1, *args, c, d=2, **kwargs):
+            local = a
+            return local
+
+        def positional_only(a, /, b, *, c=3):
+            pass
+
+        def none():
+            pass
+
+        for func in (mixed, positional_only, none, lambda *rest: rest, lambda **named: named):
+            with self.subTest(func=func.__name__):
+                expected = [(p.name, p.default) for p in inspect.signature(func).parameters.values()]
+                read = [(name, inspect.Parameter.empty if default is reflow._NO_DEFAULT else default)
+                        for name, default in reflow._plain_parameters(func)]
+                self.assertEqual(read, expected)
+        for other in (functools.wraps(mixed)(lambda *a, **k: None), functools.partial(mixed, 1), len, str):
+            self.assertIsNone(reflow._plain_parameters(other))
+
+
+WORKER_PROBE = """
+import sys
+from typing import Annotated
+from reflow import Result, Workflow
+
+wf = Workflow("probe")
+
+@wf.job()
+def prepare() -> list[int]:
+    return [0]
+
+@wf.job(array=True)
+def element(x: Annotated[int, Result(step="prepare")]) -> list[str]:
+    return sorted(set(WATCHED) & set(sys.modules))
+
+WATCHED = ("dataclasses", "inspect", "signal", "threading")
+
+if __name__ == "__main__":
+    raise SystemExit(wf.cli())
+"""
+
+
+class WorkerImportTest(TempDirTest):
+    """A worker element, started afresh as a scheduler starts it, loads only what running its task needs."""
+
+    def test_a_worker_element_leaves_dataclasses_inspect_signal_and_threading_unloaded(self) -> None:
+        mod = load_flow(self.tmp, WORKER_PROBE)
+        sched = _SpoolScheduler(self.tmp / "spool")
+        with reflow.SqliteStore(self.store_path) as store, contextlib.redirect_stderr(io.StringIO()):
+            run = mod.wf.submit(self.tmp / "run", store=store, executor=sched)
+        for _ in range(10):
+            job_id, record = sched.pending()[0]
+            if "element" in record["command"]:
+                break
+            with contextlib.redirect_stderr(io.StringIO()):
+                _run_job(mod.wf, sched, record)
+            sched.finish(job_id)
+        first = record["array"].split("-")[0]
+        here = os.path.dirname(os.path.abspath(reflow.__file__))
+        done = subprocess.run([sys.executable, "-S", *record["command"][1:]], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=here, REFLOW_ARRAY_INDEX=first), timeout=120)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        sched.finish(job_id)
+        _drive(mod.wf, sched)
+        self.assertEqual(run.store.get_array_outputs(run.run_id, "element"), [[]])
 
 
 # =============================================================================
