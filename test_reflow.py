@@ -2497,8 +2497,9 @@ class TestStoreInstances(_StoreTest):
         copies = self.store.list_task_instances("r2", "b")
         self.assertEqual([(i["array_index"], i["state"], i["cached"], i["output"]) for i in copies],
                          [(k, "SUCCESS", True, 7) for k in range(3)])
-        self.assertEqual([(e["event"], e["task_name"], e["state"], e["reason"]) for e in self.store.list_events("r2")],
-                         [("run_created", None, "RUNNING", ""), ("cached", "b", "SUCCESS", "3 instances copied from run r1")])
+        events = [(e["event"], e["task_name"], e["state"], e["reason"]) for e in self.store.list_events("r2")]
+        self.assertEqual(events, [("run_created", None, "RUNNING", ""),
+                                  ("cached", "b", "SUCCESS", "3 instances copied from run r1")])
         self.assertIsNone(self.store.copy_cached_task("r1", "b", "key"))  # not from the run itself
         self.assertIsNone(self.store.copy_cached_task("r2", "b", "other"))  # no run recorded
         self.store.update_task_failed(ids[1], "lost")
