@@ -384,14 +384,23 @@ def _plain_new(cls: type, *args: Any, **kwargs: Any) -> Any:
     return object.__new__(cls)
 
 
+#: Whether task specs are made lazily (see _made_without_init): only in a process started as
+#: ``flow.py worker ...``, a job's element, which then needs neither inspect nor dataclasses.  Any other
+#: process validates, describes or submits the workflow, which needs both: it makes its specs whole when
+#: the workflow is defined, not in the middle of its first call.
+_LAZY_SPECS = sys.argv[1:2] == ["worker"]
+
+
 def _made_without_init(cls: type, **fields: Any) -> Any:
-    """Return what ``cls(**fields)`` returns, without making a pending class a dataclass.
+    """Return what ``cls(**fields)`` returns, without making a pending class a dataclass in a worker.
 
     For a class without ``__post_init__``, with every field given in the
     order of the fields (a spec's signature may be left to
     _SignatureOnFirstUse).  A worker makes its task specs this way:
     finishing them would import dataclasses, and with it inspect.
     """
+    if not _LAZY_SPECS:
+        return cls(**fields)
     instance: Any = object.__new__(cls)
     instance.__dict__.update(fields)
     return instance
@@ -2051,13 +2060,13 @@ class Flow:
     def _make_spec(name: str, func: Callable, config: JobConfig, verify: Optional[Callable]) -> TaskSpec:
         """Build a TaskSpec from a function and its decorator options.
 
-        A plain function with a return annotation leaves its signature to
-        first use (see _SignatureOnFirstUse), so that a worker imports
-        neither inspect nor dataclasses.
+        In a worker, a plain function with a return annotation leaves its
+        signature to first use (see _SignatureOnFirstUse), so that the
+        worker imports neither inspect nor dataclasses.
         """
         if not callable(func):
             raise TypeError(f"task {name!r}: @job must decorate a function, got {type(func).__name__}")
-        plain = _plain_parameters(func)
+        plain = _plain_parameters(func) if _LAZY_SPECS else None
         signature = None if plain is not None else inspect.signature(func)
         hints = _resolve_hints(func)
         if signature is None and "return" not in hints:  # its return type is inspect's "empty"

@@ -7320,7 +7320,9 @@ class LazyImportTest(unittest.TestCase):
 
     def test_task_specs_made_before_dataclasses_behave_as_dataclasses(self) -> None:
         out = _fresh_python("""
-            import sys, reflow
+            import sys
+            sys.argv = ["flow.py", "worker"]  # only a job's element makes its specs lazily
+            import reflow
             wf = reflow.Workflow("w")
 
             @wf.job(cpus=2)
