@@ -41,7 +41,7 @@ import traceback
 import unittest
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Optional, Tuple
+from typing import Annotated, Any, Dict, Iterable, List, Optional, Tuple
 from unittest import mock
 
 HERE = Path(__file__).resolve().parent
@@ -6185,27 +6185,26 @@ class WaitingDispatcherTest(_SpoolRunTest):
         self.assertEqual(list(self.dispatch_jobs().values()), ["CANCELLED", "CANCELLED"])
         self.assertCompleted(self.store_path, self.run.run_id, self.sched, 3)
 
-    def test_a_cycle_that_submits_nothing_leaves_the_spare_alone(self) -> None:
+    def start_square_and_run(self, indices: Iterable[int]) -> None:
+        """Run prepare's jobs, let the client submit square, then run square's elements ``indices`` in process."""
         self.run_task_jobs()
         self.assertTrue(self.poll())
         square = next(rec for _, rec in self.sched.pending() if "-square-" in rec["name"])
         args = _job_args(square["command"])
         with contextlib.redirect_stderr(io.StringIO()):
-            for index in range(3):
+            for index in indices:
                 reflow.run_worker(self.wf, self.run.run_id, str(self.store_path), args["--run-dir"], "square",
                                   index=index)
+
+    def test_a_cycle_that_submits_nothing_leaves_the_spare_alone(self) -> None:
+        self.start_square_and_run(range(3))
         spare = self.store.get_run(self.run.run_id)["dispatch_job_id"]
         self.assertFalse(self.poll())  # total was forward-submitted: square's results start nothing new
         self.assertEqual(self.dispatch_jobs()[spare], "PENDING")
         self.assertEqual(len(self.dispatch_jobs()), 2)
 
     def test_no_cycle_while_a_stage_still_has_jobs_in_flight(self) -> None:
-        self.run_task_jobs()
-        self.assertTrue(self.poll())
-        square = next(rec for _, rec in self.sched.pending() if "-square-" in rec["name"])
-        args = _job_args(square["command"])
-        with contextlib.redirect_stderr(io.StringIO()):
-            reflow.run_worker(self.wf, self.run.run_id, str(self.store_path), args["--run-dir"], "square", index=0)
+        self.start_square_and_run([0])
         self.assertFalse(self.poll())  # one of three square results: ingesting it would start nothing
         self.assertEqual(self.store.task_state_summary(self.run.run_id)["square"], {"SUBMITTED": 3})
 
