@@ -428,15 +428,13 @@ def _load_sha256(data: bytes) -> Any:
     much as a whole cached 1,000-element ``run_local`` otherwise takes);
     the digests are the same.  Builds without it fall back to hashlib.
     Later hashes (millions in a big run) call the constructor directly.
+    The module is named by version: a failed import searches every
+    ``sys.path`` entry first (0.1-0.5 ms).
     """
     global _sha256
-    for module in ("_sha2", "_sha256"):
-        try:
-            _sha256 = importlib.import_module(module).sha256
-            break
-        except (ImportError, AttributeError):
-            continue
-    else:
+    try:
+        _sha256 = importlib.import_module("_sha2" if sys.version_info >= (3, 12) else "_sha256").sha256
+    except (ImportError, AttributeError):
         import hashlib
 
         _sha256 = hashlib.sha256
