@@ -2993,6 +2993,10 @@ class _TaskNotWhole(Exception):
 
 #: Prefix of the ``meta`` keys that map a task's group key (see ``_Planner.group_key``) to a run.
 _GROUP_PREFIX = "group:"
+#: The ``meta`` key memoising the output digest of a task all of whose instances succeeded, in Python and in
+#: SQL over an instance row ``t`` (char(31), the unit separator, is in no run id or task name).
+_DIGEST_KEY = "digest:{}\x1f{}".format
+_DIGEST_KEY_SQL = "'digest:' || t.run_id || char(31) || t.task_name"
 
 #: Per-connection scratch table holding the instance ids of one bulk write.
 #: Each bulk write fills it, keeps the ids whose state allows the change,
@@ -3666,12 +3670,24 @@ class SqliteStore(Store):
         self._db.execute(_EVENT_SELECT.format(at=at, event=event, source=_FROM_BATCH), params)
 
     def _change(self, ids: Iterable[int], guard: Optional[str], assignments: str, params: Sequence[Any]) -> int:
-        """Apply ``assignments`` to the instances among ``ids`` that satisfy ``guard``; return n."""
+        """Apply ``assignments`` to the instances among ``ids`` that satisfy ``guard``; return n.
+
+        Every guard admits only unfinished or failed instances; a change
+        without one (the per-instance API) may alter a SUCCESS instance, so
+        it drops its task's memoised digest.
+        """
         with self.transaction():
             self._batch((int(i),) for i in ids)
             if guard:
                 self._batch_keep(guard)
+            else:
+                self._forget_digests()
             return self._batch_update(assignments, params)
+
+    def _forget_digests(self) -> None:
+        """Drop the memoised output digests of the batched instances' tasks (see :meth:`get_outputs_digest`)."""
+        self._db.execute(f"DELETE FROM meta WHERE key IN (SELECT {_DIGEST_KEY_SQL} FROM temp.reflow_batch b "
+                         "JOIN task_instances t ON t.id = b.id)")
 
     # -- runs ---------------------------------------------------------------------
 
@@ -3828,12 +3844,30 @@ class SqliteStore(Store):
         return [value for value, in rows]
 
     def get_outputs_digest(self, run_id: str, task: str) -> Optional[str]:
-        """Return the digest of :meth:`Store.get_outputs_digest`, its text joined in SQL (no row reaches Python)."""
-        text, missing = self._read(  # the inner order is idx_instances_unique's own: no sort
-            "SELECT group_concat(pair, ','), IFNULL(SUM(missing), 0) FROM (SELECT IFNULL(array_index, -1) || ':' "
-            "|| output_hash AS pair, output_hash = '' AS missing FROM task_instances WHERE run_id = ? AND "
-            "task_name = ? ORDER BY IFNULL(array_index, -1))", (run_id, task))[0]
-        return None if missing else _hash16(text or "")
+        """Return the digest of :meth:`Store.get_outputs_digest`, its text joined in SQL (no row reaches Python).
+
+        The digest of a task all of whose instances succeeded is memoised in
+        ``meta`` when it is computed inside a write transaction.  SUCCESS is
+        final for the engine, and every store method that could still
+        change such a task's rows (the unguarded per-instance updates, a
+        deletion, an insertion) drops the memo.  A whole-task cache copy
+        copies it, so a cached re-run reads no output hash at all.
+        """
+        key = _DIGEST_KEY(run_id, task)
+        memo = self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        if memo:
+            return memo[0][0]
+        text, missing, unfinished = self._read(  # the inner order is idx_instances_unique's own: no sort
+            "SELECT group_concat(pair, ','), IFNULL(SUM(missing), 0), IFNULL(SUM(unfinished), 0) FROM (SELECT "
+            "IFNULL(array_index, -1) || ':' || output_hash AS pair, output_hash = '' AS missing, "
+            "state != 'SUCCESS' AS unfinished FROM task_instances WHERE run_id = ? AND task_name = ? "
+            "ORDER BY IFNULL(array_index, -1))", (run_id, task))[0]
+        if missing:
+            return None
+        digest = _hash16(text or "")
+        if text is not None and not unfinished and self._depth:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, digest))
+        return digest
 
     def dependency_is_satisfied(self, run_id: str, task: str) -> bool:
         """Tell whether a task is done (all of at least one instance SUCCESS, or width 0)."""
@@ -3889,6 +3923,8 @@ class SqliteStore(Store):
             (run_id, now, now, now, source, task)).rowcount
         if copied != width:
             raise _TaskNotWhole(f"{source}: {copied} of {width} instances of {task!r} succeeded")
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) SELECT ?, value FROM meta WHERE key = ?",
+                         (_DIGEST_KEY(run_id, task), _DIGEST_KEY(source, task)))  # the rows are the same
         self._db.execute("INSERT INTO events (run_id, task_name, at, event, state, reason) "
                          "VALUES (?, ?, ?, 'cached', 'SUCCESS', ?)",
                          (run_id, task, now, f"{width} instances copied from run {source}"))
@@ -3953,6 +3989,7 @@ class SqliteStore(Store):
         with self.transaction():
             # AUTOINCREMENT ids only grow and we hold the write lock: ours are those above the old maximum.
             first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
+            self._db.execute("DELETE FROM meta WHERE key = ?", (_DIGEST_KEY(run_id, task),))
             if columns:
                 self._insert_columns(run_id, task, now, columns)
             source = "task_instances t WHERE t.id > ? ORDER BY t.id"
@@ -4091,6 +4128,7 @@ class SqliteStore(Store):
         """Delete instances by id (logged as ``deleted`` events); return n."""
         with self.transaction():
             self._batch((int(i),) for i in ids)
+            self._forget_digests()
             self._batch_log(at="?", event="'deleted'", params=(_utcnow(),))
             return self._db.execute("DELETE FROM task_instances WHERE id IN (SELECT id FROM temp.reflow_batch)"
                                     ).rowcount

@@ -619,6 +619,15 @@ class RunLocalTest(TempDirTest):
         self.assertEqual(store.get_task_specs(again.run_id)[1]["width"], 4)
         self.assertEqual(failed.state, "FAILED")
 
+    def test_a_result_changed_through_the_store_api_reaches_the_next_run(self) -> None:
+        mod = self.flow()
+        first = mod.wf.run_local(self.tmp / "run", n=4)
+        element = first.store.get_task_instance(first.run_id, "square", 2)
+        first.store.update_task_success(element["id"], 100, reflow.compute_output_hash(100))
+        again = mod.wf.run_local(self.tmp / "run", n=4)  # square is copied as it is now; total sees the change
+        self.assertEqual(again.store.get_array_outputs(again.run_id, "square"), [0, 1, 100, 9])
+        self.assertEqual(again.store.get_singleton_output(again.run_id, "total"), 110)
+
     def test_force_tasks_reaches_downstream(self) -> None:
         mod = self.flow()
         mod.wf.run_local(self.tmp / "run", n=3)
@@ -2486,6 +2495,51 @@ class TestStoreInstances(_StoreTest):
         self.add_array("r2", "c", 2)  # PENDING: no output hashes yet
         self.assertIsNone(self.store.get_outputs_digest("r2", "c"))
         self.assertIsNone(reflow.Store.get_outputs_digest(self.store, "r2", "c"))
+
+    def test_outputs_digest_is_memoised_until_a_row_of_the_task_can_change(self):
+        self.make_run("r1")
+        ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
+        memo = lambda run: self.store._read("SELECT value FROM meta WHERE key = ?",  # noqa: E731
+                                            (reflow._DIGEST_KEY(run, "b"),))
+        digest = self.store.get_outputs_digest("r1", "b")
+        self.assertEqual(memo("r1"), [])  # outside a write transaction nothing is written
+
+        def memoise():
+            with self.store.transaction():
+                self.assertEqual(self.store.get_outputs_digest("r1", "b"), digest)
+            self.assertEqual(memo("r1"), [(digest,)])
+
+        memoise()
+        statements: List[str] = []
+        self.store._db.set_trace_callback(statements.append)
+        self.assertEqual(self.store.get_outputs_digest("r1", "b"), digest)
+        self.store._db.set_trace_callback(None)
+        self.assertFalse([s for s in statements if "task_instances" in s], statements)
+        self.store.set_task_width("r1", "b", 3)
+        self.store.remember_task("r1", "b", "key")
+        self.make_run("r2")
+        self.store.copy_cached_task("r2", "b", "key")
+        self.assertEqual(memo("r2"), [(digest,)])  # the copy carries it
+        changes = {"update_task_success": lambda: self.store.update_task_success(ids[0], 9, "o9"),
+                   "mark_for_retry": lambda: self.store.mark_for_retry(ids[0]),
+                   "delete_instances": lambda: self.store.delete_instances([ids[1]]),
+                   "insert_task_instances": lambda: self.store.insert_task_instances(
+                       "r1", "b", [{"array_index": 7, "state": "SUCCESS", "input": {}, "output": 1,
+                                    "output_hash": "o1"}])}
+        for name, change in changes.items():
+            with self.subTest(change=name):
+                digest = reflow.Store.get_outputs_digest(self.store, "r1", "b")
+                memoise()
+                change()
+                self.assertEqual(memo("r1"), [])
+                self.assertEqual(self.store.get_outputs_digest("r1", "b"),
+                                 reflow.Store.get_outputs_digest(self.store, "r1", "b"))
+                self.store.update_task_success(ids[0], 9, "o9")  # whole again for the next change
+        self.store.update_task_failed(ids[2], "lost")  # keeps its output hash: a digest, but no memo
+        with self.store.transaction():
+            self.assertIsNotNone(self.store.get_outputs_digest("r1", "b"))
+        self.assertEqual(memo("r1"), [])
+        self.assertEqual(memo("r2"), [(reflow._hash16("0:o7,1:o7,2:o7"),)])  # r2's rows did not change
 
     def test_copy_cached_task_copies_only_whole_successful_tasks(self):
         self.make_run("r1")
