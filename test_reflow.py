@@ -2496,20 +2496,23 @@ class TestStoreInstances(_StoreTest):
         self.assertIsNone(self.store.get_outputs_digest("r2", "c"))
         self.assertIsNone(reflow.Store.get_outputs_digest(self.store, "r2", "c"))
 
-    def test_outputs_digest_is_memoised_until_a_row_of_the_task_can_change(self):
+    def memo(self, run_id):
+        """Return the meta rows memoising the digest of task b in ``run_id``."""
+        return self.store._read("SELECT value FROM meta WHERE key = ?", (reflow._DIGEST_KEY(run_id, "b"),))
+
+    def memoise(self, run_id):
+        """Compute the digest of task b inside a write transaction; check it was memoised and return it."""
+        with self.store.transaction():
+            digest = self.store.get_outputs_digest(run_id, "b")
+        self.assertEqual(self.memo(run_id), [(digest,)])
+        return digest
+
+    def test_outputs_digest_is_memoised_in_a_write_transaction_and_copied_with_the_task(self):
         self.make_run("r1")
-        ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
-        memo = lambda run: self.store._read("SELECT value FROM meta WHERE key = ?",  # noqa: E731
-                                            (reflow._DIGEST_KEY(run, "b"),))
+        self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
         digest = self.store.get_outputs_digest("r1", "b")
-        self.assertEqual(memo("r1"), [])  # outside a write transaction nothing is written
-
-        def memoise():
-            with self.store.transaction():
-                self.assertEqual(self.store.get_outputs_digest("r1", "b"), digest)
-            self.assertEqual(memo("r1"), [(digest,)])
-
-        memoise()
+        self.assertEqual(self.memo("r1"), [])  # outside a write transaction nothing is written
+        self.assertEqual(self.memoise("r1"), digest)
         statements: List[str] = []
         self.store._db.set_trace_callback(statements.append)
         self.assertEqual(self.store.get_outputs_digest("r1", "b"), digest)
@@ -2519,27 +2522,28 @@ class TestStoreInstances(_StoreTest):
         self.store.remember_task("r1", "b", "key")
         self.make_run("r2")
         self.store.copy_cached_task("r2", "b", "key")
-        self.assertEqual(memo("r2"), [(digest,)])  # the copy carries it
+        self.assertEqual(self.memo("r2"), [(digest,)])
+
+    def test_outputs_digest_memo_is_dropped_by_every_change_that_reaches_a_successful_row(self):
+        self.make_run("r1")
+        ids = self.add_array("r1", "b", 3, state="SUCCESS", output=7, output_hash="o7")
+        new_row = {"array_index": 7, "state": "SUCCESS", "input": {}, "output": 1, "output_hash": "o1"}
         changes = {"update_task_success": lambda: self.store.update_task_success(ids[0], 9, "o9"),
                    "mark_for_retry": lambda: self.store.mark_for_retry(ids[0]),
                    "delete_instances": lambda: self.store.delete_instances([ids[1]]),
-                   "insert_task_instances": lambda: self.store.insert_task_instances(
-                       "r1", "b", [{"array_index": 7, "state": "SUCCESS", "input": {}, "output": 1,
-                                    "output_hash": "o1"}])}
+                   "insert_task_instances": lambda: self.store.insert_task_instances("r1", "b", [new_row])}
         for name, change in changes.items():
             with self.subTest(change=name):
-                digest = reflow.Store.get_outputs_digest(self.store, "r1", "b")
-                memoise()
+                self.memoise("r1")
                 change()
-                self.assertEqual(memo("r1"), [])
+                self.assertEqual(self.memo("r1"), [])
                 self.assertEqual(self.store.get_outputs_digest("r1", "b"),
-                                 reflow.Store.get_outputs_digest(self.store, "r1", "b"))
+                                 reflow.Store.get_outputs_digest(self.store, "r1", "b"))  # the generic one
                 self.store.update_task_success(ids[0], 9, "o9")  # whole again for the next change
         self.store.update_task_failed(ids[2], "lost")  # keeps its output hash: a digest, but no memo
         with self.store.transaction():
             self.assertIsNotNone(self.store.get_outputs_digest("r1", "b"))
-        self.assertEqual(memo("r1"), [])
-        self.assertEqual(memo("r2"), [(reflow._hash16("0:o7,1:o7,2:o7"),)])  # r2's rows did not change
+        self.assertEqual(self.memo("r1"), [])
 
     def test_copy_cached_task_copies_only_whole_successful_tasks(self):
         self.make_run("r1")
