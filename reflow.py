@@ -2993,10 +2993,16 @@ class _TaskNotWhole(Exception):
 
 #: Prefix of the ``meta`` keys that map a task's group key (see ``_Planner.group_key``) to a run.
 _GROUP_PREFIX = "group:"
-#: The ``meta`` key memoising the output digest of a task all of whose instances succeeded, in Python and in
-#: SQL over an instance row ``t`` (char(31), the unit separator, is in no run id or task name).
-_DIGEST_KEY = "digest:{}\x1f{}".format
+#: The ``meta`` key memoising a task's output digest (see ``_digest_key``), built in SQL over an instance row ``t``.
 _DIGEST_KEY_SQL = "'digest:' || t.run_id || char(31) || t.task_name"
+
+
+def _digest_key(run_id: str, task: str) -> str:
+    """Return the ``meta`` key memoising the output digest of a task all of whose instances succeeded.
+
+    char(31), the unit separator, is in no run id or task name.
+    """
+    return f"digest:{run_id}\x1f{task}"
 
 #: Per-connection scratch table holding the instance ids of one bulk write.
 #: Each bulk write fills it, keeps the ids whose state allows the change,
@@ -3853,7 +3859,7 @@ class SqliteStore(Store):
         deletion, an insertion) drops the memo.  A whole-task cache copy
         copies it, so a cached re-run reads no output hash at all.
         """
-        key = _DIGEST_KEY(run_id, task)
+        key = _digest_key(run_id, task)
         memo = self._read("SELECT value FROM meta WHERE key = ?", (key,))
         if memo:
             return memo[0][0]
@@ -3924,7 +3930,7 @@ class SqliteStore(Store):
         if copied != width:
             raise _TaskNotWhole(f"{source}: {copied} of {width} instances of {task!r} succeeded")
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) SELECT ?, value FROM meta WHERE key = ?",
-                         (_DIGEST_KEY(run_id, task), _DIGEST_KEY(source, task)))  # the rows are the same
+                         (_digest_key(run_id, task), _digest_key(source, task)))  # the rows are the same
         self._db.execute("INSERT INTO events (run_id, task_name, at, event, state, reason) "
                          "VALUES (?, ?, ?, 'cached', 'SUCCESS', ?)",
                          (run_id, task, now, f"{width} instances copied from run {source}"))
@@ -3989,7 +3995,7 @@ class SqliteStore(Store):
         with self.transaction():
             # AUTOINCREMENT ids only grow and we hold the write lock: ours are those above the old maximum.
             first = self._db.execute("SELECT IFNULL(MAX(id), 0) FROM task_instances").fetchone()[0]
-            self._db.execute("DELETE FROM meta WHERE key = ?", (_DIGEST_KEY(run_id, task),))
+            self._db.execute("DELETE FROM meta WHERE key = ?", (_digest_key(run_id, task),))
             if columns:
                 self._insert_columns(run_id, task, now, columns)
             source = "task_instances t WHERE t.id > ? ORDER BY t.id"

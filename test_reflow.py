@@ -2498,7 +2498,7 @@ class TestStoreInstances(_StoreTest):
 
     def memo(self, run_id):
         """Return the meta rows memoising the digest of task b in ``run_id``."""
-        return self.store._read("SELECT value FROM meta WHERE key = ?", (reflow._DIGEST_KEY(run_id, "b"),))
+        return self.store._read("SELECT value FROM meta WHERE key = ?", (reflow._digest_key(run_id, "b"),))
 
     def memoise(self, run_id):
         """Compute the digest of task b inside a write transaction; check it was memoised and return it."""
