@@ -4008,24 +4008,30 @@ class SqliteStore(Store):
 
         Each bound text is copied by SQLite (an allocation under a mutex):
         a state, a reason, an empty error or the start time shared by a
-        whole batch is bound once per statement instead of once per row.
-        sqlite3 binds None through its adapter look-up (a failed attribute
-        search, six times the cost of binding an integer): rows carry ''
-        instead, which NULLIF turns into NULL.
+        whole batch is a parameter of the SELECT list, bound once per
+        statement, and only the varying columns come from the VALUES rows.
+        (Numbered ``?NNN`` parameters in each row would do the same, but
+        Python 3.12 deprecates binding them from a sequence and 3.14
+        refuses it.)  sqlite3 binds None through its adapter look-up (a
+        failed attribute search, six times the cost of binding an
+        integer): rows carry '' instead, which NULLIF turns into NULL.
         """
         same = [i for i, column in enumerate(columns) if column.count(column[0]) == len(column)]
         varying = [i for i in range(len(columns)) if i not in same]
         names = [_ROW_COLUMNS[i] for i in same + varying]
-        marks = [f"?{4 + k}" for k in range(len(same))] + ["?"] * len(varying)
-        row = "(?1, ?2, ?3, ?3, " + ", ".join(f"NULLIF({mark}, '')" if name in _NULLABLE_COLUMNS else mark
-                                               for name, mark in zip(names, marks)) + ")"
-        head = [run_id, task, now, *(columns[i][0] for i in same)]
-        insert = f"INSERT INTO task_instances (run_id, task_name, created_at, updated_at, {', '.join(names)}) VALUES "
+        # VALUES names its columns column1, column2...
+        sources = ["?"] * len(same) + [f"column{k + 1}" for k in range(len(varying))]
+        picks = ", ".join(f"NULLIF({source}, '')" if name in _NULLABLE_COLUMNS else source
+                          for name, source in zip(names, sources))
+        row = "(" + ", ".join("?" * len(varying)) + ")" if varying else "(0)"
+        insert = (f"INSERT INTO task_instances (run_id, task_name, created_at, updated_at, {', '.join(names)}) "
+                  f"SELECT ?, ?, ?, ?, {picks} FROM (VALUES ")
+        head = [run_id, task, now, now, *(columns[i][0] for i in same)]
         rows = len(columns[0])
         for start in range(0, rows, _ROWS_PER_INSERT):
             end = min(start + _ROWS_PER_INSERT, rows)
             values = itertools.chain.from_iterable(zip(*(columns[i][start:end] for i in varying)))
-            self._db.execute(insert + ", ".join([row] * (end - start)), [*head, *values])
+            self._db.execute(insert + ", ".join([row] * (end - start)) + ")", [*head, *values])
 
     @staticmethod
     def _instance_values(row: Mapping[str, Any], now: str) -> Tuple:

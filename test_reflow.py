@@ -41,6 +41,7 @@ import time
 import traceback
 import unittest
 import uuid
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Dict, Iterable, List, Optional, Tuple
 from unittest import mock
@@ -619,6 +620,16 @@ class RunLocalTest(TempDirTest):
         self.assertEqual(events, [("cached", None, None, f"4 instances copied from run {mended.run_id}")])
         self.assertEqual(store.get_task_specs(again.run_id)[1]["width"], 4)
         self.assertEqual(failed.state, "FAILED")
+
+    def test_a_run_and_its_cached_re_run_use_nothing_deprecated(self) -> None:
+        # Python 3.12 deprecated binding numbered parameters (?1) from a sequence; 3.14 refuses it
+        mod = self.flow()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            first = mod.wf.run_local(self.tmp / "run", n=40)
+            again = mod.wf.run_local(self.tmp / "run", n=40)
+        self.assertEqual([run.store.get_singleton_output(run.run_id, "total") for run in (first, again)],
+                         [20540, 20540])
 
     def test_a_result_changed_through_the_store_api_reaches_the_next_run(self) -> None:
         mod = self.flow()
