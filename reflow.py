@@ -3004,6 +3004,7 @@ def _digest_key(run_id: str, task: str) -> str:
     """
     return f"digest:{run_id}\x1f{task}"
 
+
 #: Per-connection scratch table holding the instance ids of one bulk write.
 #: Each bulk write fills it, keeps the ids whose state allows the change,
 #: updates them with one statement and logs them with one INSERT ... SELECT:
