@@ -4666,15 +4666,22 @@ def _sched_backoff() -> float:
         return 1.0
 
 
-def _login_name() -> str:
-    """Return the login name of this process (for "my jobs" queries)."""
-    name = os.environ.get("USER") or os.environ.get("LOGNAME")
-    if name:
-        return name
-    try:  # Path.owner() resolves the uid through pwd for us.
-        return Path("/proc/self").owner()
-    except (OSError, KeyError, NotImplementedError):
-        return str(os.getuid())
+def _current_user() -> str:
+    """Return the login name of this process: ``$LOGNAME`` or ``$USER`` (as getpass does), else the passwd entry.
+
+    It owns the runs this process creates and names "my jobs" in scheduler
+    queries.  The environment comes first because a passwd lookup reads
+    NSS files (or asks LDAP) on every run.  Without a passwd entry: the
+    numeric uid, which ``squeue -u`` and ``qstat -u`` accept.
+    """
+    named = os.environ.get("LOGNAME") or os.environ.get("USER")
+    if named:
+        return named
+    try:
+        import pwd  # POSIX only; imported here because Windows lacks it
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return os.environ.get("USERNAME") or (str(os.getuid()) if hasattr(os, "getuid") else "unknown")
 
 
 def _mem_mib(value: Union[str, int]) -> int:
@@ -5255,7 +5262,7 @@ class SlurmExecutor(_BatchExecutor):
 
     def _list_jobs(self) -> List[Tuple[str, str]]:
         """List this user's live jobs: ``squeue -h -u USER -o "%i|%j"`` (``123|wf-task``)."""
-        result = self._run([self.squeue, "-h", "-u", _login_name(), "-o", "%i|%j"])
+        result = self._run([self.squeue, "-h", "-u", _current_user(), "-o", "%i|%j"])
         pairs = [line.strip().split("|", 1) for line in result.stdout.splitlines() if "|" in line]
         return [(job_id, name) for job_id, name in pairs]
 
@@ -5518,7 +5525,7 @@ class PBSExecutor(_BatchExecutor):
         torque = self.torque
         result = self._run([self.qstat, "-f"] if torque else [self.qstat, "-f", "-F", "json"])
         records = self._parse_qstat_text(result.stdout) if torque else self._parse_qstat_json(result.stdout)
-        user = _login_name()
+        user = _current_user()
         return [(job_id, str(attrs.get("Job_Name", ""))) for job_id, attrs in records.items()
                 if str(attrs.get("Job_Owner", "")).split("@")[0] == user
                 and str(attrs.get("job_state", "")) not in ("F", "X", "C")]
@@ -5921,7 +5928,7 @@ class SGEExecutor(_BatchExecutor):
 
     def _qstat_rows(self) -> Dict[str, JobInfo]:
         """Return the live jobs of this user from one ``qstat -xml -u USER``."""
-        result = self._run([self.qstat, "-xml", "-u", _login_name()])
+        result = self._run([self.qstat, "-xml", "-u", _current_user()])
         rows: Dict[str, JobInfo] = {}
         for job in self._parse_qstat_xml(result.stdout):
             info = self._state_info(job["state"])
@@ -5965,7 +5972,7 @@ class SGEExecutor(_BatchExecutor):
     def _qacct_rows(self, masters: Sequence[str]) -> Dict[str, JobInfo]:
         """Return finished jobs from accounting: one ``qacct -j ID`` each, or one bulk call."""
         if len(masters) > self._QACCT_BULK:
-            texts = [self._run([self.qacct, "-o", _login_name(), "-d", "7", "-j"], check=False).stdout]
+            texts = [self._run([self.qacct, "-o", _current_user(), "-d", "7", "-j"], check=False).stdout]
         else:
             texts = [self._run([self.qacct, "-j", master], check=False).stdout for master in masters]
         rows: Dict[str, JobInfo] = {}
@@ -6024,7 +6031,7 @@ class SGEExecutor(_BatchExecutor):
 
     def _list_jobs(self) -> List[Tuple[str, str]]:
         """List this user's live jobs from ``qstat -xml -u USER``."""
-        result = self._run([self.qstat, "-xml", "-u", _login_name()])
+        result = self._run([self.qstat, "-xml", "-u", _current_user()])
         return [(job["number"], job["name"]) for job in self._parse_qstat_xml(result.stdout)]
 
 
@@ -6312,8 +6319,9 @@ class LocalExecutor(Executor):
     and ``sys.path``, ``__main__``); wherever a fork could differ (another
     interpreter, a variable the interpreter reads at start in the job's
     environment (``_STARTUP_ENV_PREFIXES``), a script that would import
-    another reflow) the elements start fresh as before.  ``REFLOW_LOCAL_FORK=0`` turns forking off; the job's state
-    file says how its elements started (``element_start``).
+    another reflow) the elements start fresh as before.
+    ``REFLOW_LOCAL_FORK=0`` turns forking off; the job's state file says
+    how its elements started (``element_start``).
     """
 
     name = "local"
@@ -9793,22 +9801,6 @@ def _make_run_dir(path: Path) -> None:
     _private_dir(path)
     _private_dir(path / "logs")
     _private_dir(path / ".reflow")
-
-
-def _current_user() -> str:
-    """Return the login name of the current user: ``$LOGNAME`` or ``$USER`` (as getpass does), else the passwd entry.
-
-    The environment comes first because a passwd lookup reads NSS files
-    (or asks LDAP) on every run.
-    """
-    named = os.environ.get("LOGNAME") or os.environ.get("USER")
-    if named:
-        return named
-    try:
-        import pwd  # POSIX only; imported here because Windows lacks it
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return os.environ.get("USERNAME") or "unknown"
 
 
 #: The day and the number behind the hex digits of the last run id made in this process.
